@@ -1,0 +1,174 @@
+"""`txt2img`: the original CompVis script's flags, defaults and output layout, on our library."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+from ldm.checkpoint_io import CheckpointError
+from ldm.generate import SAMPLERS, SampleSettings, generate, prompt_batches
+from ldm.image_io import OutputWriter, Watermarker, grid_to_uint8, make_grid, to_uint8_images, to_unit_range
+from ldm.load import load_config, load_model
+from ldm.runtime import PRECISIONS, RuntimeChoiceError, resolve_runtime
+
+DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
+DEFAULT_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
+
+
+class UsageError(ValueError):
+    """Bad command-line input, reported as one line before any heavy work."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Generate images from a text prompt with Stable Diffusion v1.")
+    p.add_argument(
+        "--prompt",
+        type=str,
+        nargs="?",
+        default="a painting of a virus monster playing guitar",
+        help="the prompt to render",
+    )
+    p.add_argument("--outdir", type=str, nargs="?", default="outputs/txt2img-samples", help="dir to write results to")
+    p.add_argument("--skip_grid", action="store_true", help="do not save a grid, only individual samples")
+    p.add_argument("--skip_save", action="store_true", help="do not save individual samples")
+    p.add_argument("--ddim_steps", type=int, default=50, help="number of sampling steps")
+    p.add_argument("--plms", action="store_true", help="use PLMS sampling (same as --sampler plms)")
+    p.add_argument(
+        "--sampler", choices=sorted(SAMPLERS), default=None, help="sampler (default ddim, or plms with --plms)"
+    )
+    p.add_argument("--fixed_code", action="store_true", help="use the same starting code for every batch")
+    p.add_argument("--ddim_eta", type=float, default=0.0, help="ddim eta (eta=0.0 is deterministic sampling)")
+    p.add_argument("--n_iter", type=int, default=2, help="sample this often")
+    p.add_argument("--H", type=int, default=512, help="image height, in pixel space")
+    p.add_argument("--W", type=int, default=512, help="image width, in pixel space")
+    p.add_argument("--C", type=int, default=4, help="latent channels")
+    p.add_argument("--f", type=int, default=8, help="downsampling factor")
+    p.add_argument("--n_samples", type=int, default=3, help="how many samples per prompt, i.e. the batch size")
+    p.add_argument("--n_rows", type=int, default=0, help="rows in the grid (default: n_samples)")
+    p.add_argument(
+        "--scale",
+        type=float,
+        default=7.5,
+        help="unconditional guidance scale: eps = eps(x, empty) + scale * (eps(x, cond) - eps(x, empty))",
+    )
+    p.add_argument("--from-file", type=str, help="read prompts from this file, one per line")
+    p.add_argument("--config", type=str, default=DEFAULT_CONFIG, help="path to the model config")
+    p.add_argument("--ckpt", type=str, default=DEFAULT_CKPT, help="path to the checkpoint (.ckpt or .safetensors)")
+    p.add_argument("--seed", type=int, default=42, help="the seed (for reproducible sampling)")
+    p.add_argument(
+        "--precision",
+        type=str,
+        choices=PRECISIONS,
+        default=None,
+        help="evaluate at this precision (default: the config's runtime.precision)",
+    )
+    p.add_argument("--device", type=str, default=None, help="cpu, cuda, cuda:N or auto (default: the config's)")
+    p.add_argument(
+        "--no-watermark",
+        dest="watermark",
+        action="store_false",
+        help='do not embed the invisible "StableDiffusionV1" watermark',
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def read_batches(opt: argparse.Namespace) -> list[list[str]]:
+    """The prompt n_samples times, or the file's prompts in batches of n_samples, as the original."""
+    if not opt.from_file:
+        return [opt.n_samples * [opt.prompt]]
+    try:
+        with open(opt.from_file, encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read --from-file {opt.from_file}: {e.strerror or e}") from None
+    prompts = [line for line in lines if line.strip()]
+    if not prompts:
+        raise UsageError(f"--from-file {opt.from_file} has no prompts (expected one prompt per line)")
+    return prompt_batches(prompts, opt.n_samples)
+
+
+def validate(opt: argparse.Namespace) -> None:
+    """Reject bad input before the model is loaded."""
+    if opt.f < 1 or opt.H % opt.f or opt.W % opt.f or opt.H < opt.f or opt.W < opt.f:
+        raise UsageError(f"--H {opt.H} and --W {opt.W} must be positive multiples of --f {opt.f} (e.g. 512)")
+    if not 1 <= opt.ddim_steps <= 1000:
+        raise UsageError(f"--ddim_steps must be between 1 and 1000, got {opt.ddim_steps}")
+    for flag in ("n_samples", "n_iter"):
+        if getattr(opt, flag) < 1:
+            raise UsageError(f"--{flag} must be at least 1, got {getattr(opt, flag)}")
+    if not opt.scale >= 0 or opt.scale == float("inf"):
+        raise UsageError(f"--scale must be a finite number >= 0, got {opt.scale}")
+    if not opt.ddim_eta >= 0:
+        raise UsageError(f"--ddim_eta must be >= 0, got {opt.ddim_eta}")
+    if opt.sampler == "plms" or (opt.sampler is None and opt.plms):
+        if opt.ddim_eta != 0:
+            raise UsageError("PLMS needs --ddim_eta 0 (it is deterministic); use DDIM for eta > 0")
+    if not os.path.isfile(opt.config):
+        raise UsageError(f"config file not found: {opt.config}")
+    if not os.path.exists(opt.ckpt):
+        raise UsageError(
+            f"checkpoint not found: {opt.ckpt} (download sd-v1-4.ckpt and put it there, or pass --ckpt PATH)"
+        )
+
+
+def run(opt: argparse.Namespace) -> list[str]:
+    validate(opt)
+    batches = read_batches(opt)
+    config = load_config(opt.config)
+    runtime = resolve_runtime(config, opt.device, opt.precision)
+    settings = SampleSettings(
+        steps=opt.ddim_steps,
+        sampler=opt.sampler or ("plms" if opt.plms else "ddim"),
+        eta=opt.ddim_eta,
+        scale=opt.scale,
+        height=opt.H,
+        width=opt.W,
+        channels=opt.C,
+        factor=opt.f,
+        n_samples=opt.n_samples,
+        n_iter=opt.n_iter,
+        seed=opt.seed,
+        fixed_code=opt.fixed_code,
+    )
+    os.makedirs(opt.outdir, exist_ok=True)
+    writer = OutputWriter(opt.outdir, Watermarker() if opt.watermark else None)
+    model = load_model(config, opt.ckpt, runtime)
+    print(f"Sampling on {runtime.describe()}")
+    written: list[str] = []
+    grid_parts = []
+    for batch in generate(model, batches, settings, runtime, progress=not opt.quiet):
+        unit = to_unit_range(batch.decoded).float().cpu()
+        if not opt.skip_save:
+            for rgb in to_uint8_images(batch.decoded):
+                written.append(str(writer.save_sample(rgb)))
+        if not opt.skip_grid:
+            grid_parts.append(unit)
+    if grid_parts:
+        grid = make_grid(torch.cat(grid_parts), nrow=opt.n_rows if opt.n_rows > 0 else opt.n_samples)
+        written.append(str(writer.save_grid(grid_to_uint8(grid))))
+    print(f"Your samples are ready and waiting for you here: {opt.outdir}")
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    opt = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*Disabling autocast.*")
+    try:
+        run(opt)
+    except (UsageError, CheckpointError, RuntimeChoiceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: images already written are complete; nothing partial was left", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Build a model from its config and fill it from a checkpoint, with no fp32 detour and no silent gaps.
+
+The model is built on the meta device (no time spent on random init, no memory for it), then the
+checkpoint's tensors are assigned in place after a layout check: any missing weight or any wrong
+shape is an error that says what the file looks like, never a partially random model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from ldm.checkpoint_io import CheckpointError, read_state_dict
+from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS
+from ldm.runtime import Runtime
+from ldm.util import instantiate_from_config
+
+# Keys real SD v1 files carry that the model rightly does not have.
+HARMLESS_EXTRA_PREFIXES = ("model_ema.",)
+HARMLESS_EXTRA_KEYS = {"cond_stage_model.transformer.text_model.embeddings.position_ids"}
+# Keys the model can compute itself when a file lacks them.
+OPTIONAL_KEYS = set(SCHEDULE_BUFFERS)
+
+
+@dataclass
+class LoadReport:
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    global_step: int | None = None
+
+    def summary(self) -> str:
+        return f"missing keys: {len(self.missing)}, unexpected keys: {len(self.unexpected)}"
+
+
+def load_config(path: str | os.PathLike) -> DictConfig:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path} (see configs/ for the shipped ones)")
+    return OmegaConf.load(path)
+
+
+def describe_layout(sd: Mapping[str, torch.Tensor]) -> str:
+    """Name the kind of model a state dict holds, for error messages."""
+    unet_in = sd.get("model.diffusion_model.input_blocks.0.0.weight")
+    ctx = sd.get("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
+    if unet_in is None:
+        if any(k.startswith(("encoder.", "decoder.")) for k in sd):
+            return "a bare VAE (autoencoder) checkpoint, not a full Stable Diffusion model"
+        return "not a Stable Diffusion checkpoint (no UNet weights under model.diffusion_model.)"
+    if any(k.startswith("cond_stage_model.model.") for k in sd) or (ctx is not None and ctx.shape[-1] == 1024):
+        return "a Stable Diffusion 2.x checkpoint (OpenCLIP text encoder, 1024-dim context)"
+    if unet_in.shape[1] == 9:
+        return "an inpainting checkpoint (9-channel UNet input)"
+    return f"a Stable Diffusion checkpoint with a {unet_in.shape[1]}-channel UNet input"
+
+
+def check_layout(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> LoadReport:
+    """Compare keys and shapes; raise CheckpointError on anything that would leave the model wrong."""
+    expected = model.state_dict()
+    report = LoadReport()
+    bad_shapes = [k for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
+    report.missing = [k for k in expected if k not in sd and k not in OPTIONAL_KEYS]
+    report.unexpected = [
+        k
+        for k in sd
+        if k not in expected and k not in HARMLESS_EXTRA_KEYS and not k.startswith(HARMLESS_EXTRA_PREFIXES)
+    ]
+    if bad_shapes:
+        k = bad_shapes[0]
+        raise CheckpointError(
+            f"checkpoint does not fit this config: {len(bad_shapes)} tensors have other shapes "
+            f"(e.g. {k}: file {list(sd[k].shape)}, model {list(expected[k].shape)}); the file looks like "
+            f"{describe_layout(sd)}: use a config made for it"
+        )
+    if report.missing:
+        raise CheckpointError(
+            f"checkpoint lacks {len(report.missing)} weights this config needs (e.g. {report.missing[0]}); "
+            f"the file looks like {describe_layout(sd)}: use a config made for it"
+        )
+    return report
+
+
+def _restore_buffers(model: nn.Module, device: torch.device) -> None:
+    for module in model.modules():
+        if module is not model and hasattr(module, "restore_buffers"):
+            module.restore_buffers(device)
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"model still has {len(left)} uninitialised tensors after loading, e.g. {left[0]}")
+
+
+def build_model(
+    model_config: Mapping[str, Any], sd: Mapping[str, torch.Tensor], runtime: Runtime
+) -> tuple[nn.Module, LoadReport]:
+    """Instantiate `model_config` and fill it from `sd`, cast to the runtime's weight dtype, on its device."""
+    with torch.device("meta"):
+        model = instantiate_from_config(model_config)
+    report = check_layout(model, sd)
+    expected = model.state_dict()
+    tensors = {}
+    for key, ref in expected.items():
+        if key not in sd:
+            continue
+        t = sd[key]
+        dtype = runtime.weight_dtype if ref.is_floating_point() and key not in OPTIONAL_KEYS else ref.dtype
+        tensors[key] = t.to(device=runtime.device, dtype=dtype)
+    model.load_state_dict(tensors, strict=False, assign=True)
+    _restore_buffers(model, runtime.device)
+    model.to(runtime.device)
+    model.eval().requires_grad_(False)
+    return model, report
+
+
+def load_model(
+    config: DictConfig | Mapping[str, Any], ckpt: str | os.PathLike, runtime: Runtime, verbose: bool = True
+) -> nn.Module:
+    """Read `ckpt` safely and build `config.model` from it."""
+    sd, info = read_state_dict(ckpt)
+    if verbose:
+        step = info.get("global_step")
+        print(f"Loading model from {ckpt}" + (f" (global step {step})" if step is not None else ""))
+    model, report = build_model(config["model"], sd, runtime)
+    report.global_step = info.get("global_step")
+    if verbose:
+        print(
+            f"Loaded: {report.summary()}" + (f" ({', '.join(report.unexpected[:3])}...)" if report.unexpected else "")
+        )
+    return model

@@ -1,0 +1,20 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+
+def requirements() -> list[str]:
+    lines = Path(__file__).with_name("requirements.txt").read_text().splitlines()
+    return [ln.split("#")[0].strip() for ln in lines if ln.split("#")[0].strip()]
+
+
+setup(
+    name="ldm",
+    version="0.1.0",
+    description="Stable Diffusion v1 latent diffusion, reimplemented: loads the original checkpoints, "
+    "gives the original's images",
+    packages=find_packages(include=["ldm", "ldm.*"]),
+    python_requires=">=3.10",
+    install_requires=requirements(),
+    entry_points={"console_scripts": ["ldm-txt2img = ldm.cli.txt2img:main"]},
+)
