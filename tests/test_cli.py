@@ -119,7 +119,7 @@ def test_same_seed_same_image_and_precisions_on_a_cuda_less_cpu(tmp_path, tiny_c
 
 def test_from_file_with_a_short_last_batch(tmp_path, tiny_ckpt):
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red cube\n\na blue ball\na green cone\n")
+    prompts.write_text("a red cube\na blue ball\na green cone\n")
     out = tmp_path / "out"
     proc = txt2img(
         "--from-file",

@@ -4,6 +4,7 @@ seed-0 checkpoint: our tokens, conditioning, start noise, latents and PNGs must 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -81,13 +82,20 @@ def differing_fraction(a: Image.Image, b: Image.Image) -> float:
 
 @pytest.mark.parametrize("watermark", [True, False], ids=["watermarked", "no-watermark"])
 def test_cli_pngs(tmp_path, watermark):
+    """Through the real CLI with the CPU config, CUDA hidden; `--precision autocast` for one of the two
+    runs, since on a CPU the original's autocast("cuda") changes nothing."""
     argv = CASE["txt2img_argv"][1:]
     argv[argv.index("--ckpt") + 1] = str(fake_full_ckpt())
-    argv += ["--config", str(CPU_CONFIG), "--precision", "full", "--outdir", str(tmp_path), "--quiet"]
+    precision = "full" if watermark else "autocast"
+    argv += ["--config", str(CPU_CONFIG), "--precision", precision, "--outdir", str(tmp_path), "--quiet"]
     if not watermark:
         argv.append("--no-watermark")
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "txt2img.py"), *argv], capture_output=True, text=True, timeout=900
+        [sys.executable, str(REPO / "scripts" / "txt2img.py"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     produced = sorted((tmp_path / "samples").iterdir())

@@ -87,10 +87,10 @@ def read_batches(opt: argparse.Namespace) -> list[list[str]]:
             lines = fh.read().splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read --from-file {opt.from_file}: {e.strerror or e}") from None
-    prompts = [line for line in lines if line.strip()]
-    if not prompts:
+    if not any(line.strip() for line in lines):
         raise UsageError(f"--from-file {opt.from_file} has no prompts (expected one prompt per line)")
-    return prompt_batches(prompts, opt.n_samples)
+    # Every line is a prompt, blank ones included (as empty prompts), as the original batches them.
+    return prompt_batches(lines, opt.n_samples)
 
 
 def validate(opt: argparse.Namespace) -> None:
