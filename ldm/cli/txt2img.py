@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from ldm.checkpoint_io import CheckpointError
-from ldm.generate import SAMPLERS, SampleSettings, generate, prompt_batches
+from ldm.generate import SAMPLER_NAMES, SampleSettings, check_sampler, describe_samplers, generate, prompt_batches
 from ldm.image_io import OutputWriter, Watermarker, grid_to_uint8, make_grid, to_uint8_images, to_unit_range
 from ldm.load import load_config, load_model
 from ldm.runtime import PRECISIONS, RuntimeChoiceError, resolve_runtime
@@ -39,8 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ddim_steps", type=int, default=50, help="number of sampling steps")
     p.add_argument("--plms", action="store_true", help="use PLMS sampling (same as --sampler plms)")
     p.add_argument(
-        "--sampler", choices=sorted(SAMPLERS), default=None, help="sampler (default ddim, or plms with --plms)"
+        "--sampler",
+        default=None,
+        metavar="NAME",
+        help=f"one of {', '.join(SAMPLER_NAMES)}; 'list' describes them (default ddim, or plms with --plms)",
     )
+    p.add_argument("--karras", action="store_true", help="Karras et al. noise levels (not for ddim/plms)")
     p.add_argument("--fixed_code", action="store_true", help="use the same starting code for every batch")
     p.add_argument("--ddim_eta", type=float, default=0.0, help="ddim eta (eta=0.0 is deterministic sampling)")
     p.add_argument("--n_iter", type=int, default=2, help="sample this often")
@@ -93,8 +97,18 @@ def read_batches(opt: argparse.Namespace) -> list[list[str]]:
     return prompt_batches(lines, opt.n_samples)
 
 
+def sampler_name(opt: argparse.Namespace) -> str:
+    return opt.sampler or ("plms" if opt.plms else "ddim")
+
+
 def validate(opt: argparse.Namespace) -> None:
     """Reject bad input before the model is loaded."""
+    if opt.plms and opt.sampler not in (None, "plms"):
+        raise UsageError(f"--plms and --sampler {opt.sampler} disagree; give one of them")
+    try:
+        check_sampler(sampler_name(opt), "karras" if opt.karras else "discrete")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if opt.f < 1 or opt.H % opt.f or opt.W % opt.f or opt.H < opt.f or opt.W < opt.f:
         raise UsageError(f"--H {opt.H} and --W {opt.W} must be positive multiples of --f {opt.f} (e.g. 512)")
     if not 1 <= opt.ddim_steps <= 1000:
@@ -106,9 +120,8 @@ def validate(opt: argparse.Namespace) -> None:
         raise UsageError(f"--scale must be a finite number >= 0, got {opt.scale}")
     if not opt.ddim_eta >= 0:
         raise UsageError(f"--ddim_eta must be >= 0, got {opt.ddim_eta}")
-    if opt.sampler == "plms" or (opt.sampler is None and opt.plms):
-        if opt.ddim_eta != 0:
-            raise UsageError("PLMS needs --ddim_eta 0 (it is deterministic); use DDIM for eta > 0")
+    if sampler_name(opt) == "plms" and opt.ddim_eta != 0:
+        raise UsageError("PLMS needs --ddim_eta 0 (it is deterministic); use DDIM for eta > 0")
     if not os.path.isfile(opt.config):
         raise UsageError(f"config file not found: {opt.config}")
     if not os.path.exists(opt.ckpt):
@@ -124,7 +137,8 @@ def run(opt: argparse.Namespace) -> list[str]:
     runtime = resolve_runtime(config, opt.device, opt.precision)
     settings = SampleSettings(
         steps=opt.ddim_steps,
-        sampler=opt.sampler or ("plms" if opt.plms else "ddim"),
+        sampler=sampler_name(opt),
+        schedule="karras" if opt.karras else "discrete",
         eta=opt.ddim_eta,
         scale=opt.scale,
         height=opt.H,
@@ -158,6 +172,9 @@ def run(opt: argparse.Namespace) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     opt = build_parser().parse_args(argv)
+    if opt.sampler == "list":
+        print(describe_samplers())
+        return 0
     warnings.filterwarnings("ignore", message=".*Disabling autocast.*")
     try:
         run(opt)
