@@ -297,30 +297,35 @@ class OutputWriter:
         self.metadata = dict(metadata) if metadata else None
         self._links_ok = True
 
-    def save_sample(self, rgb_uint8: np.ndarray) -> Path:
-        """Save one HWC uint8 RGB sample as ``samples/NNNNN.png``; returns its path."""
-        return self._save(rgb_uint8, self.sample_dir, SAMPLE_PATTERN, SAMPLE_FORMAT)
+    def save_sample(self, rgb_uint8: np.ndarray, metadata: dict[str, str] | None = None) -> Path:
+        """Save one HWC uint8 RGB sample as ``samples/NNNNN.png``; returns its path.
 
-    def save_grid(self, rgb_uint8: np.ndarray) -> Path:
+        ``metadata`` (text chunks for this image) replaces the writer's own, if given."""
+        return self._save(rgb_uint8, self.sample_dir, SAMPLE_PATTERN, SAMPLE_FORMAT, metadata)
+
+    def save_grid(self, rgb_uint8: np.ndarray, metadata: dict[str, str] | None = None) -> Path:
         """Save an HWC uint8 RGB grid (see :func:`grid_to_uint8`) as ``grid-NNNN.png``; returns its path."""
-        return self._save(rgb_uint8, self.outdir, GRID_PATTERN, GRID_FORMAT)
+        return self._save(rgb_uint8, self.outdir, GRID_PATTERN, GRID_FORMAT, metadata)
 
-    def _pnginfo(self) -> PngInfo | None:
+    def _pnginfo(self, metadata: dict[str, str] | None) -> PngInfo | None:
         # Each item becomes one text chunk (txt2img passes {"parameters": ...}).  Without metadata
         # the file is byte-identical to the original's plain ``img.save(path)``.
-        if not self.metadata:
+        metadata = metadata if metadata is not None else self.metadata
+        if not metadata:
             return None
         info = PngInfo()
-        for key, value in self.metadata.items():
+        for key, value in metadata.items():
             info.add_text(key, value)  # falls back to iTXt for non-latin-1 text
         return info
 
-    def _save(self, rgb: np.ndarray, directory: Path, pattern: str, fmt: str) -> Path:
+    def _save(
+        self, rgb: np.ndarray, directory: Path, pattern: str, fmt: str, metadata: dict[str, str] | None = None
+    ) -> Path:
         _check_rgb(rgb)
         if self.watermark is not None:
             rgb = self.watermark.apply(rgb)
         img = Image.fromarray(rgb)
-        pnginfo = self._pnginfo()
+        pnginfo = self._pnginfo(metadata)
         kwargs = {} if pnginfo is None else {"pnginfo": pnginfo}
 
         fd, tmp = _create_temp(directory)

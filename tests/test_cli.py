@@ -167,3 +167,50 @@ def test_bad_input_is_one_clear_line(tmp_path, tiny_ckpt, case):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
     assert not (out / "samples").exists() or not any((out / "samples").iterdir())
+
+
+def test_png_carries_its_generation_parameters(tmp_path, tiny_ckpt):
+    from ldm.infotext import legacy_model_hash, parse_infotext
+
+    out = tmp_path / "out"
+    prompt = 'a "quoted", comma\u2019d prompt'
+    proc = txt2img(
+        "--prompt",
+        prompt,
+        "--H",
+        "64",
+        "--W",
+        "48",
+        "--ddim_steps",
+        "3",
+        "--n_samples",
+        "2",
+        "--n_iter",
+        "1",
+        "--seed",
+        "9",
+        "--scale",
+        "5.5",
+        "--sampler",
+        "euler_a",
+        "--karras",
+        "--outdir",
+        str(out),
+        ckpt=tiny_ckpt,
+    )
+    assert proc.returncode == 0, proc.stderr
+    for pos, name in enumerate(("00000.png", "00001.png")):
+        text = Image.open(out / "samples" / name).text["parameters"]
+        got_prompt, negative, fields = parse_infotext(text)
+        assert got_prompt == prompt and negative == ""
+        assert fields == {
+            "Steps": "3",
+            "Sampler": "euler_a karras",
+            "CFG scale": "5.5",
+            "Seed": "9",
+            "Size": "48x64",
+            "Model hash": legacy_model_hash(tiny_ckpt),
+            "Model": "tiny",
+            "Iteration": "0",
+            "Batch pos": str(pos),
+        }

@@ -13,6 +13,7 @@ import torch
 from ldm.checkpoint_io import CheckpointError
 from ldm.generate import SAMPLER_NAMES, SampleSettings, check_sampler, describe_samplers, generate, prompt_batches
 from ldm.image_io import OutputWriter, Watermarker, grid_to_uint8, make_grid, to_uint8_images, to_unit_range
+from ldm.infotext import format_infotext, legacy_model_hash
 from ldm.load import load_config, load_model
 from ldm.runtime import PRECISIONS, RuntimeChoiceError, resolve_runtime
 
@@ -156,11 +157,24 @@ def run(opt: argparse.Namespace) -> list[str]:
     print(f"Sampling on {runtime.describe()}")
     written: list[str] = []
     grid_parts = []
+    fields = {
+        "Steps": settings.steps,
+        "Sampler": settings.sampler + (" karras" if settings.schedule == "karras" else ""),
+        "CFG scale": settings.scale,
+        "Seed": settings.seed,
+        "Size": f"{settings.width}x{settings.height}",
+        "Model hash": legacy_model_hash(opt.ckpt),
+        "Model": os.path.splitext(os.path.basename(opt.ckpt))[0],
+    }
+    if settings.sampler == "ddim" and settings.eta:
+        fields["Eta"] = settings.eta
     for batch in generate(model, batches, settings, runtime, progress=not opt.quiet):
         unit = to_unit_range(batch.decoded).float().cpu()
         if not opt.skip_save:
-            for rgb in to_uint8_images(batch.decoded):
-                written.append(str(writer.save_sample(rgb)))
+            for i, (prompt, rgb) in enumerate(zip(batch.prompts, to_uint8_images(batch.decoded), strict=True)):
+                # Seed plus iteration and batch position identify the image within the run.
+                info = format_infotext(prompt, {**fields, "Iteration": batch.iteration, "Batch pos": i})
+                written.append(str(writer.save_sample(rgb, {"parameters": info})))
         if not opt.skip_grid:
             grid_parts.append(unit)
     if grid_parts:
