@@ -16,5 +16,5 @@ setup(
     packages=find_packages(include=["ldm", "ldm.*"]),
     python_requires=">=3.10",
     install_requires=requirements(),
-    entry_points={"console_scripts": ["ldm-txt2img = ldm.cli.txt2img:main"]},
+    entry_points={"console_scripts": ["ldm-txt2img = ldm.cli.txt2img:main", "ldm-img2img = ldm.cli.img2img:main"]},
 )

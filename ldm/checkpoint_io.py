@@ -381,3 +381,26 @@ def _as_int(value: Any) -> int | None:
     if isinstance(value, numbers.Integral):  # int, numpy.int64, ...
         return int(value)
     return None
+
+
+# --------------------------------------------------------------------------- preferring safetensors
+
+
+def prefer_safetensors(path: str | os.PathLike) -> str:
+    """``path``, or its ``.safetensors`` sibling when ``path`` is a pickle-based ``.ckpt``/``.pt``/``.pth``.
+
+    ``scripts/convert_ckpt.py`` writes ``model.safetensors`` beside ``model.ckpt``; once it exists,
+    reading it needs no unpickling at all, so it is the safer (and mmap-friendly) choice for the same
+    weights.  The sibling must really be a safetensors file (checked by content), otherwise a renamed
+    pickle would be preferred over the checkpoint that works.
+    """
+    path = os.fspath(path)
+    stem, ext = os.path.splitext(path)
+    if ext.lower() in (".ckpt", ".pt", ".pth"):
+        sibling = stem + ".safetensors"
+        if os.path.isfile(sibling) and _sniff(_read_head(sibling, 9)) == "safetensors":
+            return sibling
+    return path
+
+
+__all__ += ["prefer_safetensors"]

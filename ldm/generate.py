@@ -12,9 +12,11 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from ldm.checks import check_finite
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.models.diffusion.sampling_common import DiscreteSampler, guided_eps
+from ldm.prompts import encode_pair, uses_custom_path
 from ldm.runtime import Runtime
 from ldm.samplers.k_samplers import SAMPLERS as K_SAMPLERS
 from ldm.samplers.k_samplers import SamplerInfo, denoiser_from_eps
@@ -57,6 +59,8 @@ class SampleSettings:
     seed: int = 42
     fixed_code: bool = False
     schedule: str = "discrete"
+    # Long prompts in 75-token windows (None: only when a prompt uses weighting syntax), see ldm.prompts.
+    chunking: bool | None = None
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -110,19 +114,63 @@ def solve(
         )
 
 
+def _nan_hint(s: SampleSettings, runtime: Runtime) -> str:
+    """What to try when a batch goes NaN/inf: fp16 overflow first, then the settings that can blow up."""
+    if runtime.autocast_dtype is not None:
+        return "fp16 overflowed: try --precision full"
+    return (
+        f"try a smaller --scale than {s.scale:g}, another sampler or step count than {s.sampler} at {s.steps}, "
+        "or check that the checkpoint holds no NaN/inf weights"
+    )
+
+
 def prompt_batches(prompts: Sequence[str], batch_size: int) -> list[list[str]]:
     """Group prompts into batches of `batch_size` (the last may be shorter)."""
     return [list(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
 
 
+def conditioning(
+    model, prompts: Sequence[str], negatives: Sequence[str], s: SampleSettings
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(cond, uncond) for a batch. Plain prompts take the original's path exactly: the unconditional
+    batch is n_samples copies of the negative prompt (the original's "" by default), cut to the batch.
+    Weighting syntax or `s.chunking` switch to `ldm.prompts` (weighted tokens, 75-token windows)."""
+    negatives = list(negatives)
+    if any(uses_custom_path(t, s.chunking) for t in (*prompts, *negatives)):
+        cond, uncond = encode_pair(model.cond_stage_model, list(prompts), negatives, chunking=s.chunking)
+        return cond, (uncond if s.scale != 1.0 else None)
+    uncond = None
+    if s.scale != 1.0:
+        if len(set(negatives)) == 1:
+            uncond = model.get_learned_conditioning(s.n_samples * negatives[:1])[: len(prompts)]
+        else:
+            uncond = model.get_learned_conditioning(negatives)
+    return model.get_learned_conditioning(list(prompts)), uncond
+
+
+def _negatives_for(negative_prompt: str | Sequence[Sequence[str]], b: int, n: int) -> list[str]:
+    if isinstance(negative_prompt, str):
+        return n * [negative_prompt]
+    negatives = list(negative_prompt[b])
+    if len(negatives) != n:
+        raise ValueError(f"batch {b + 1} has {n} prompts but {len(negatives)} negative prompts")
+    return negatives
+
+
 @torch.no_grad()
 def generate(
-    model, batches: Sequence[Sequence[str]], s: SampleSettings, runtime: Runtime, progress: bool = True
+    model,
+    batches: Sequence[Sequence[str]],
+    s: SampleSettings,
+    runtime: Runtime,
+    progress: bool = True,
+    negative_prompt: str | Sequence[Sequence[str]] = "",
 ) -> Iterator[BatchResult]:
     """Yield one decoded batch at a time: n_iter passes over `batches`.
 
-    A short last batch (prompts from a file not filling n_samples) samples as many images as it has
-    prompts; the original crashed there.
+    `negative_prompt` replaces the empty prompt of the unconditional branch: one for all, or per prompt
+    in batches shaped like `batches`. A short last batch (prompts from a file not filling n_samples)
+    samples as many images as it has prompts; the original crashed there.
     """
     check_sampler(s.sampler, s.schedule)
     device = runtime.device
@@ -133,10 +181,9 @@ def generate(
     start_code = torch.randn((s.n_samples, *s.latent_shape), device=device) if s.fixed_code else None
     with runtime.autocast():
         for it in range(s.n_iter):
-            for prompts in batches:
+            for b, prompts in enumerate(batches):
                 n = len(prompts)
-                uncond = model.get_learned_conditioning(s.n_samples * [""])[:n] if s.scale != 1.0 else None
-                cond = model.get_learned_conditioning(list(prompts))
+                cond, uncond = conditioning(model, prompts, _negatives_for(negative_prompt, b, n), s)
                 x_T = start_code[:n] if start_code is not None else torch.randn((n, *s.latent_shape), device=device)
                 if sampler is not None:
                     latents = sampler.sample(
@@ -152,5 +199,10 @@ def generate(
                     )
                 else:
                     latents = solve(model, s, cond, uncond, x_T, solver_noise, progress)
+                where = f"iteration {it + 1} of {s.n_iter}, batch {b + 1} of {len(batches)}"
+                check_finite(latents, f"sampling produced NaN/inf latents ({where})", _nan_hint(s, runtime))
                 decoded = model.decode_first_stage(latents)
+                # On CUDA fp16 the original VAE can overflow where fp32 does not; retrying the decode in fp32
+                # there is left undone (no GPU to test it on): the error below says to use --precision full.
+                check_finite(decoded, f"decoding produced NaN/inf pixels ({where})", _nan_hint(s, runtime))
                 yield BatchResult(it, list(prompts), cond, uncond, x_T, latents, decoded)

@@ -26,6 +26,8 @@ HARMLESS_EXTRA_PREFIXES = ("model_ema.",)
 HARMLESS_EXTRA_KEYS = {"cond_stage_model.transformer.text_model.embeddings.position_ids"}
 # Keys the model can compute itself when a file lacks them.
 OPTIONAL_KEYS = set(SCHEDULE_BUFFERS)
+# Byte alignment of fresh CPU allocations (64, one cache line / AVX-512 vector).
+ALIGNMENT = 64
 
 
 @dataclass
@@ -108,7 +110,13 @@ def build_model(
             continue
         t = sd[key]
         dtype = runtime.weight_dtype if ref.is_floating_point() and key not in OPTIONAL_KEYS else ref.dtype
-        tensors[key] = t.to(device=runtime.device, dtype=dtype)
+        t = t.to(device=runtime.device, dtype=dtype)
+        if t.device.type == "cpu" and t.data_ptr() % ALIGNMENT:
+            # A view into a memory-mapped .safetensors file sits wherever its header put it; CPU kernels take
+            # other vector paths on unaligned data and round differently, so the same weights would not give
+            # the same image as from a .ckpt. One aligned copy keeps results independent of the file format.
+            t = t.clone()
+        tensors[key] = t
     model.load_state_dict(tensors, strict=False, assign=True)
     _restore_buffers(model, runtime.device)
     model.to(runtime.device)

@@ -333,6 +333,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(text)
     else:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        marker = "<!-- digits demo: written by scripts/digits_eval.py -->"
+        if os.path.exists(args.out):  # keep the digits-demo section, which scripts/digits_eval.py owns
+            old = open(args.out, encoding="utf-8").read()
+            if marker in old:
+                text = text.rstrip("\n") + "\n\n" + marker + old.split(marker, 1)[1]
         with open(args.out, "w", encoding="utf-8") as f:
             f.write(text)
         print(f"wrote {args.out}")

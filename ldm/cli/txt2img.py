@@ -3,18 +3,33 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
+import numpy as np
 import torch
+from omegaconf import OmegaConf
 
-from ldm.checkpoint_io import CheckpointError
+from ldm.checkpoint_io import CheckpointError, prefer_safetensors
+from ldm.checks import (
+    NonFiniteError,
+    available_memory,
+    estimate_peak_bytes,
+    format_bytes,
+    model_widths,
+    unwritable_dir_reason,
+)
 from ldm.generate import SAMPLER_NAMES, SampleSettings, check_sampler, describe_samplers, generate, prompt_batches
 from ldm.image_io import OutputWriter, Watermarker, grid_to_uint8, make_grid, to_uint8_images, to_unit_range
 from ldm.infotext import format_infotext, legacy_model_hash
 from ldm.load import load_config, load_model
+from ldm.prompts import dropped_words
 from ldm.runtime import PRECISIONS, RuntimeChoiceError, resolve_runtime
 
 DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
@@ -25,8 +40,20 @@ class UsageError(ValueError):
     """Bad command-line input, reported as one line before any heavy work."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a UsageError (one line, exit 2) instead of usage text + exit."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message} (see --help)")
+
+
+# torch.manual_seed's range (negative seeds wrap, as they always did here).
+SEED_RANGE = (-(2**63), 2**64 - 1)
+PATH_FLAGS = ("outdir", "from_file", "config", "ckpt")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Generate images from a text prompt with Stable Diffusion v1.")
+    p = _Parser(description="Generate images from a text prompt with Stable Diffusion v1.")
     p.add_argument(
         "--prompt",
         type=str,
@@ -80,7 +107,55 @@ def build_parser() -> argparse.ArgumentParser:
         help='do not embed the invisible "StableDiffusionV1" watermark',
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--negative_prompt",
+        type=str,
+        default="",
+        help="what to steer away from: replaces the empty prompt of the unconditional branch "
+        "(in --from-file, a tab after a prompt starts that line's own negative prompt)",
+    )
+    p.add_argument(
+        "--long_prompts",
+        action="store_true",
+        help="encode prompts past 75 tokens in extra 75-token windows instead of cutting them off "
+        "(always on for prompts with (word:1.3)-style weighting)",
+    )
     return p
+
+
+def resolve_config_path(path: str, config_path: str) -> str:
+    """A relative path from a config is tried from the working directory, then from each directory above
+    the config file, so `models/demo/x.safetensors` in `configs/demo/x.yaml` works from any directory."""
+    if os.path.isabs(path) or os.path.exists(path):
+        return path
+    for parent in Path(config_path).resolve().parents:
+        if (parent / path).exists():
+            return str(parent / path)
+    return path
+
+
+def parse_args(argv: Sequence[str] | None = None, builder=None) -> argparse.Namespace:
+    """Flags, with the defaults of the config's `txt2img:` section in place of the original's: a small
+    model names its own checkpoint, size and sampler there. Flags given on the command line still win."""
+    parser = (builder or build_parser)()
+    opt = parser.parse_args(argv)
+    if not os.path.isfile(opt.config):
+        return opt  # validate() reports it
+    try:
+        section = load_config(opt.config).get("txt2img", None)
+    except Exception as e:  # a malformed YAML file
+        raise UsageError(f"cannot read config {opt.config}: {str(e).splitlines()[0]}") from None
+    if not section:
+        return opt
+    known = {a.dest for a in parser._actions}
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise UsageError(f"config {opt.config}: unknown txt2img defaults {', '.join(unknown)} (use flag names)")
+    defaults = dict(section)
+    if "ckpt" in defaults:
+        defaults["ckpt"] = resolve_config_path(str(defaults["ckpt"]), opt.config)
+    parser.set_defaults(**defaults)
+    return parser.parse_args(argv)
 
 
 def read_batches(opt: argparse.Namespace) -> list[list[str]]:
@@ -91,11 +166,33 @@ def read_batches(opt: argparse.Namespace) -> list[list[str]]:
         with open(opt.from_file, encoding="utf-8") as fh:
             lines = fh.read().splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read --from-file {opt.from_file}: {e.strerror or e}") from None
+        reason = f"not UTF-8 text ({e})" if isinstance(e, UnicodeDecodeError) else e.strerror or e
+        raise UsageError(f"cannot read --from-file {opt.from_file}: {reason}") from None
     if not any(line.strip() for line in lines):
         raise UsageError(f"--from-file {opt.from_file} has no prompts (expected one prompt per line)")
     # Every line is a prompt, blank ones included (as empty prompts), as the original batches them.
     return prompt_batches(lines, opt.n_samples)
+
+
+def split_negatives(batches: list[list[str]], default: str) -> tuple[list[list[str]], list[list[str]]]:
+    """Prompt lines of the form "prompt<TAB>negative prompt" carry their own negative prompt."""
+    prompts = [[line.split("\t", 1)[0] for line in batch] for batch in batches]
+    negatives = [[line.split("\t", 1)[1] if "\t" in line else default for line in batch] for batch in batches]
+    return prompts, negatives
+
+
+def warn_truncated(model, batches: list[list[str]], chunking: bool | None) -> None:
+    """The original cuts prompts at 75 tokens without a word; we keep its cut (and so its images) but say
+    what was dropped."""
+    window = model.cond_stage_model.max_length - 2
+    for prompt in dict.fromkeys(p for batch in batches for p in batch):
+        dropped = dropped_words(model.cond_stage_model, prompt, chunking=chunking)
+        if dropped:
+            warnings.warn(
+                f"prompt longer than {window} tokens, cut as the original does; dropped: {dropped!r} "
+                "(--long_prompts keeps them)",
+                stacklevel=2,
+            )
 
 
 def sampler_name(opt: argparse.Namespace) -> str:
@@ -103,9 +200,23 @@ def sampler_name(opt: argparse.Namespace) -> str:
 
 
 def validate(opt: argparse.Namespace) -> None:
-    """Reject bad input before the model is loaded."""
+    """Reject bad input before the model is loaded (and before anything is created)."""
+    if opt.prompt is None and not opt.from_file:
+        raise UsageError("--prompt needs a value (or use --from-file)")
+    if opt.prompt is not None:
+        try:
+            opt.prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            # Bytes that are not UTF-8 on the command line arrive as lone surrogates.
+            raise UsageError("--prompt is not valid UTF-8 text (check the terminal's encoding)") from None
+    for flag in PATH_FLAGS:
+        value = getattr(opt, flag)
+        if flag == "outdir" and not value:
+            raise UsageError("--outdir needs a value (a directory to write images to)")
+        if value is not None and "\0" in value:
+            raise UsageError(f"--{flag.replace('_', '-')} holds a NUL character, which no path can contain")
     if opt.plms and opt.sampler not in (None, "plms"):
-        raise UsageError(f"--plms and --sampler {opt.sampler} disagree; give one of them")
+        raise UsageError(f"--plms and --sampler {opt.sampler!r} disagree; give one of them")
     try:
         check_sampler(sampler_name(opt), "karras" if opt.karras else "discrete")
     except ValueError as e:
@@ -119,24 +230,93 @@ def validate(opt: argparse.Namespace) -> None:
             raise UsageError(f"--{flag} must be at least 1, got {getattr(opt, flag)}")
     if not opt.scale >= 0 or opt.scale == float("inf"):
         raise UsageError(f"--scale must be a finite number >= 0, got {opt.scale}")
-    if not opt.ddim_eta >= 0:
-        raise UsageError(f"--ddim_eta must be >= 0, got {opt.ddim_eta}")
+    if not opt.ddim_eta >= 0 or opt.ddim_eta == float("inf"):
+        raise UsageError(f"--ddim_eta must be a finite number >= 0, got {opt.ddim_eta}")
+    if opt.C < 1:
+        raise UsageError(f"--C must be at least 1, got {opt.C}")
+    if not SEED_RANGE[0] <= opt.seed <= SEED_RANGE[1]:
+        raise UsageError(f"--seed {opt.seed} is out of range (use 0 to {SEED_RANGE[1]})")
     if sampler_name(opt) == "plms" and opt.ddim_eta != 0:
         raise UsageError("PLMS needs --ddim_eta 0 (it is deterministic); use DDIM for eta > 0")
     if not os.path.isfile(opt.config):
         raise UsageError(f"config file not found: {opt.config}")
     if not os.path.exists(opt.ckpt):
+        hint = "download sd-v1-4.ckpt and put it there" if opt.ckpt == DEFAULT_CKPT else "check the path"
+        raise UsageError(f"checkpoint not found: {opt.ckpt} ({hint}, or pass --ckpt PATH)")
+    if os.path.isdir(opt.ckpt):
+        raise UsageError(f"checkpoint path is a directory: {opt.ckpt}; pass the model file inside it")
+    for directory in (opt.outdir, os.path.join(opt.outdir, "samples")):
+        reason = unwritable_dir_reason(directory)
+        if reason:
+            raise UsageError(f"cannot write to --outdir {opt.outdir}: {reason}")
+
+
+def check_fits(opt: argparse.Namespace, config, runtime, ckpt: str) -> None:
+    """Refuse what the model or the memory cannot take, from the config alone (before loading weights)."""
+    if not OmegaConf.select(config, "model.target", default=None):
+        raise UsageError(f"config {opt.config} has no model.target: is it a model config (see configs/)?")
+    in_channels = OmegaConf.select(config, "model.params.unet_config.params.in_channels", default=None)
+    if isinstance(in_channels, int) and opt.C != in_channels:
+        raise UsageError(f"--C {opt.C} does not match the model's {in_channels} latent channels; use --C {in_channels}")
+    unet, vae, text = model_widths(config)
+    weight_bytes = os.path.getsize(ckpt) if os.path.isfile(ckpt) else 0
+    need = estimate_peak_bytes(
+        opt.H,
+        opt.W,
+        factor=opt.f,
+        n_samples=opt.n_samples,
+        guidance=opt.scale != 1.0,
+        unet_channels=unet,
+        vae_channels=vae,
+        text_channels=text,
+        weight_bytes=weight_bytes,
+        dtype_bytes=2 if runtime.autocast_dtype == torch.float16 else 4,
+    )
+    have, what = available_memory(runtime.device)
+    if have is not None and need > have:
         raise UsageError(
-            f"checkpoint not found: {opt.ckpt} (download sd-v1-4.ckpt and put it there, or pass --ckpt PATH)"
+            f"--H {opt.H} --W {opt.W} with --n_samples {opt.n_samples} needs about {format_bytes(need)} of memory "
+            f"(weights {format_bytes(weight_bytes)}), but {format_bytes(have)} is {what}; "
+            "use a smaller --H/--W or --n_samples"
         )
 
 
-def run(opt: argparse.Namespace) -> list[str]:
-    validate(opt)
-    batches = read_batches(opt)
+@contextlib.contextmanager
+def finish_before_interrupt() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) that arrives while a file is written until the file is complete and in place.
+
+    OutputWriter already removes its temp file when interrupted, but a signal landing between creating the
+    temp file and entering its cleanup could still leave one behind; deferring it closes that gap, so an
+    interrupted run keeps every image it started to write and leaves nothing partial.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals are delivered to the main thread only
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if not callable(previous):  # ignored (SIG_IGN) or installed outside Python: leave it alone
+        yield
+        return
+    received: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        previous(signal.SIGINT, None)  # the default handler raises KeyboardInterrupt
+
+
+def prepare(opt: argparse.Namespace):
+    """Config, runtime and checkpoint path, with every check that needs the config but not the weights."""
     config = load_config(opt.config)
     runtime = resolve_runtime(config, opt.device, opt.precision)
-    settings = SampleSettings(
+    ckpt = prefer_safetensors(opt.ckpt)
+    check_fits(opt, config, runtime, ckpt)
+    return config, runtime, ckpt
+
+
+def settings_from(opt: argparse.Namespace) -> SampleSettings:
+    return SampleSettings(
         steps=opt.ddim_steps,
         sampler=sampler_name(opt),
         schedule="karras" if opt.karras else "discrete",
@@ -150,54 +330,148 @@ def run(opt: argparse.Namespace) -> list[str]:
         n_iter=opt.n_iter,
         seed=opt.seed,
         fixed_code=opt.fixed_code,
+        chunking=True if opt.long_prompts else None,
     )
-    os.makedirs(opt.outdir, exist_ok=True)
-    writer = OutputWriter(opt.outdir, Watermarker() if opt.watermark else None)
-    model = load_model(config, opt.ckpt, runtime)
-    print(f"Sampling on {runtime.describe()}")
-    written: list[str] = []
-    grid_parts = []
-    fields = {
+
+
+def load_for_run(opt: argparse.Namespace, config, runtime, ckpt: str, batches: list[list[str]]):
+    if ckpt != opt.ckpt:
+        print(f"Using {ckpt} in place of {opt.ckpt}: a .safetensors file needs no unpickling")
+    model = load_model(config, ckpt, runtime)
+    warn_truncated(model, batches, True if opt.long_prompts else None)
+    # Only now that the model loaded: a run that fails before this leaves no new directory behind.
+    try:
+        os.makedirs(opt.outdir, exist_ok=True)
+        writer = OutputWriter(opt.outdir, Watermarker() if opt.watermark else None)
+    except OSError as e:
+        raise UsageError(f"cannot write to --outdir {opt.outdir}: {e.strerror or e}") from None
+    print(f"Sampling on {runtime.describe()}", flush=True)
+    return model, writer
+
+
+def infotext_fields(settings: SampleSettings, ckpt: str) -> dict[str, object]:
+    fields: dict[str, object] = {
         "Steps": settings.steps,
         "Sampler": settings.sampler + (" karras" if settings.schedule == "karras" else ""),
         "CFG scale": settings.scale,
         "Seed": settings.seed,
         "Size": f"{settings.width}x{settings.height}",
-        "Model hash": legacy_model_hash(opt.ckpt),
-        "Model": os.path.splitext(os.path.basename(opt.ckpt))[0],
+        "Model hash": legacy_model_hash(ckpt),
+        "Model": os.path.splitext(os.path.basename(ckpt))[0],
     }
     if settings.sampler == "ddim" and settings.eta:
         fields["Eta"] = settings.eta
-    for batch in generate(model, batches, settings, runtime, progress=not opt.quiet):
-        unit = to_unit_range(batch.decoded).float().cpu()
+    return fields
+
+
+def save_runs(
+    opt: argparse.Namespace,
+    runs,
+    writer: OutputWriter,
+    fields: dict[str, object],
+    negatives: list[list[str]],
+    finish=None,
+) -> list[str]:
+    """Write each batch's samples (with their parameters) and the grid; `finish` maps a batch's uint8 images
+    to the ones to save (inpainting's composite), and the grid then shows those."""
+    written: list[str] = []
+    grid_parts = []
+    for b, batch in enumerate(runs):
+        rgbs = to_uint8_images(batch.decoded)
+        if finish is None:
+            unit = to_unit_range(batch.decoded).float().cpu()  # the original's grid arithmetic
+        else:
+            rgbs = finish(rgbs)
+            unit = torch.from_numpy(np.stack(rgbs)).permute(0, 3, 1, 2).float() / 255.0
         if not opt.skip_save:
-            for i, (prompt, rgb) in enumerate(zip(batch.prompts, to_uint8_images(batch.decoded), strict=True)):
+            negs = negatives[b % len(negatives)]
+            for i, (prompt, rgb) in enumerate(zip(batch.prompts, rgbs, strict=True)):
                 # Seed plus iteration and batch position identify the image within the run.
-                info = format_infotext(prompt, {**fields, "Iteration": batch.iteration, "Batch pos": i})
-                written.append(str(writer.save_sample(rgb, {"parameters": info})))
+                extra = {"Iteration": batch.iteration, "Batch pos": i}
+                info = format_infotext(prompt, {**fields, **extra}, negative_prompt=negs[i])
+                with finish_before_interrupt():
+                    written.append(str(writer.save_sample(rgb, {"parameters": info})))
         if not opt.skip_grid:
             grid_parts.append(unit)
     if grid_parts:
         grid = make_grid(torch.cat(grid_parts), nrow=opt.n_rows if opt.n_rows > 0 else opt.n_samples)
-        written.append(str(writer.save_grid(grid_to_uint8(grid))))
+        with finish_before_interrupt():
+            written.append(str(writer.save_grid(grid_to_uint8(grid))))
     print(f"Your samples are ready and waiting for you here: {opt.outdir}")
     return written
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    opt = build_parser().parse_args(argv)
+def run(opt: argparse.Namespace) -> list[str]:
+    validate(opt)
+    config, runtime, ckpt = prepare(opt)
+    batches, negatives = split_negatives(read_batches(opt), opt.negative_prompt)
+    settings = settings_from(opt)
+    model, writer = load_for_run(opt, config, runtime, ckpt, batches)
+    runs = generate(model, batches, settings, runtime, progress=not opt.quiet, negative_prompt=negatives)
+    return save_runs(opt, runs, writer, infotext_fields(settings, ckpt), negatives)
+
+
+def one_line(text: object) -> str:
+    """`text` as one printable line: line breaks and other control characters (from a path or a prompt the
+    user gave) are shown as escapes, so a message can never span lines."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in str(text))
+
+
+def _fail(message: object, code: int) -> int:
+    print(f"error: {one_line(message)}", file=sys.stderr)
+    return code
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Our own warnings as one `warning: ...` line (not Python's two-line file:line format)."""
+    print(f"warning: {one_line(' '.join(str(message).split()))}", file=file or sys.stderr)
+
+
+def _route_warnings() -> None:
+    """Show ldm's own warnings, one line each; hide libraries' (torch, transformers, ... deprecation notes
+    and the like), which would turn a one-line error into a screenful. -W / PYTHONWARNINGS still win."""
+    warnings.showwarning = _show_warning
+    if not sys.warnoptions:
+        warnings.filterwarnings("ignore")
+        warnings.filterwarnings("default", module=r"ldm(\.|$)")
+    warnings.filterwarnings("ignore", message=".*Disabling autocast.*")
+
+
+OUT_OF_MEMORY = (MemoryError, torch.OutOfMemoryError)
+
+
+def main(argv: Sequence[str] | None = None, parse=None, runner=None) -> int:
+    """Exit codes: 0 done, 2 bad input (one `error:` line, nothing written), 1 the run failed (NaN/inf,
+    out of memory), 130 interrupted (finished images are kept, no partial file is left).
+    `parse` and `runner` let img2img share this handling."""
+    with warnings.catch_warnings():
+        _route_warnings()
+        try:
+            return _main(argv, parse or parse_args, runner or run)
+        except KeyboardInterrupt:
+            print("interrupted: images already written are complete; nothing partial was left", file=sys.stderr)
+            return 130
+
+
+def _main(argv: Sequence[str] | None, parse, runner) -> int:
+    try:
+        opt = parse(argv)
+    except UsageError as e:
+        return _fail(e, 2)
+    except SystemExit as e:  # --help
+        return e.code if isinstance(e.code, int) else 0
     if opt.sampler == "list":
         print(describe_samplers())
         return 0
-    warnings.filterwarnings("ignore", message=".*Disabling autocast.*")
     try:
-        run(opt)
+        runner(opt)
     except (UsageError, CheckpointError, RuntimeChoiceError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: images already written are complete; nothing partial was left", file=sys.stderr)
-        return 130
+        return _fail(e, 2)
+    except NonFiniteError as e:
+        return _fail(e, 1)
+    except OUT_OF_MEMORY:
+        size = f"{opt.n_samples} image(s) of {opt.W}x{opt.H}"
+        return _fail(f"out of memory generating {size}; use a smaller --H/--W or --n_samples", 1)
     return 0
 
 

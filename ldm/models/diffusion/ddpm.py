@@ -120,6 +120,12 @@ class LatentDiffusion(nn.Module):
         """Predicted noise for latents `x` at integer timesteps `t` under text context `cond`."""
         return self.model(x, t, cond)
 
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x0 diffused to integer timesteps `t`: sqrt(abar_t) x0 + sqrt(1 - abar_t) noise."""
+        a = self.sqrt_alphas_cumprod[t].view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
+        s = self.sqrt_one_minus_alphas_cumprod[t].view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
+        return a * x0 + s * noise
+
     def encode_first_stage(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         return self.first_stage_model.encode(x)
 

@@ -49,7 +49,10 @@ class DDIMSchedule:
         prev = torch.cat([ac[:1], ac[steps[:-1]]])
         a64, p64 = alphas.double(), prev.double()
         sigmas = eta * torch.sqrt((1 - p64) / (1 - a64) * (1 - a64 / p64))
-        return cls(steps, alphas, prev, sigmas.float(), torch.sqrt(1.0 - alphas))
+        # numpy's float32 sqrt, as the original computed this one: it is correctly rounded, while torch's
+        # vectorised CPU sqrt can be one ulp off, which shifts pictures by a little.
+        sqrt_one_minus = torch.from_numpy(np.sqrt(1.0 - alphas.numpy()))
+        return cls(steps, alphas, prev, sigmas.float(), sqrt_one_minus)
 
     def to(self, device: torch.device) -> DDIMSchedule:
         return DDIMSchedule(
@@ -66,6 +69,12 @@ class DDIMSchedule:
         return tuple(
             t[index].reshape(1, 1, 1) for t in (self.alphas, self.alphas_prev, self.sigmas, self.sqrt_one_minus_alphas)
         )
+
+
+def stochastic_encode(x0: torch.Tensor, s: DDIMSchedule, index: int, noise: torch.Tensor) -> torch.Tensor:
+    """Noise clean latents to the level of the schedule's step `index`, as the original img2img does."""
+    a_t, _, _, sqrt_one_minus_at = s.at(index)
+    return a_t.sqrt() * x0 + sqrt_one_minus_at * noise
 
 
 def guided_eps(
@@ -137,8 +146,17 @@ class DiscreteSampler:
         x_T: torch.Tensor | None = None,
         callback: Callback | None = None,
         progress: bool = True,
+        t_start: int | None = None,
+        mask: torch.Tensor | None = None,
+        x0: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Denoise from `x_T` (or fresh noise of [batch_size, *shape]) in S steps; returns latents."""
+        """Denoise from `x_T` (or fresh noise of [batch_size, *shape]) in S steps; returns latents.
+
+        img2img (the original's `decode`): `t_start` runs only the first `t_start` of the S steps, from
+        `x_T` noised to that level. Inpainting (the original LDM's `mask`/`x0`): before every step the region
+        where `mask` is 0 is replaced by the known latents `x0` noised to that step, so only mask-1 areas
+        are generated.
+        """
         self.check_eta(eta)
         if conditioning.shape[0] != batch_size:
             warnings.warn(f"got {conditioning.shape[0]} conditionings for a batch of {batch_size}", stacklevel=2)
@@ -151,11 +169,15 @@ class DiscreteSampler:
                 self.model, x_, t_, conditioning, unconditional_conditioning, unconditional_guidance_scale
             )
 
-        descending = schedule.timesteps[::-1]
+        steps = schedule.timesteps if t_start is None else schedule.timesteps[:t_start]
+        descending = steps[::-1]
         self.reset()
         for i, step in enumerate(tqdm(descending, desc=f"{self.name} sampler", disable=not progress, leave=False)):
             index = len(descending) - i - 1
             t = torch.full((batch_size,), int(step), device=device, dtype=torch.long)
+            if mask is not None:
+                known = self.model.q_sample(x0, t, noise=self.randn(x0.shape, device))
+                x = known * (1.0 - mask) + mask * x
             t_next = torch.full(
                 (batch_size,), int(descending[min(i + 1, len(descending) - 1)]), device=device, dtype=torch.long
             )

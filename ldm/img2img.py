@@ -1,0 +1,132 @@
+"""img2img and inpainting: start from an encoded picture instead of pure noise, as the original img2img does.
+
+The DDIM path is the original's algorithm: the init image is encoded once (one posterior draw), then per
+batch its latent is noised to the level of DDIM step `t_enc = int(strength * steps)` and the first `t_enc`
+steps are run (the original's `stochastic_encode` + `decode`, off-by-one included: noised to step index
+t_enc, denoised from t_enc - 1). The other samplers noise the latent to the matching sigma of their
+schedule and run the remaining steps. Where the original crashes or wastes work we do this instead:
+when t_enc reaches past the DDIM selection (strength 1 with a step count that selects exactly that many
+steps, such as 50) we start from pure noise and run txt2img's whole schedule, where the original indexes
+past its schedule and crashes; strength 0 returns the encoded image untouched (the original still adds
+step-1 noise). Step counts whose selection has one step more (6, 7, ...) keep the original's strength-1
+behaviour. The seed is set after the model is built (the original seeds before, so its random init eats
+into the stream and its images depend on its init code; its txt2img seeds after, as we do).
+
+Inpainting blends the known latents back in at every step (outside the mask) and finally composites the
+decoded picture with the input in pixel space, so unmasked pixels are exactly the input's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ldm.generate import (
+    ORIGINAL_SAMPLERS,
+    SOLVERS,
+    BatchResult,
+    SampleSettings,
+    check_sampler,
+    conditioning,
+    solver_sigmas,
+)
+from ldm.models.diffusion.sampling_common import DDIMSchedule, guided_eps, stochastic_encode
+from ldm.runtime import Runtime
+from ldm.samplers.k_samplers import denoiser_from_eps
+from ldm.util import seed_everything
+
+
+def encoding_steps(strength: float, steps: int) -> int:
+    """The original's t_enc: how many of the `steps` sampling steps img2img runs."""
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be between 0 and 1, got {strength}")
+    return int(strength * steps)
+
+
+def composite(init_rgb: np.ndarray, generated_rgb: np.ndarray, mask: torch.Tensor) -> np.ndarray:
+    """Final pixels: the input's own uint8 values where the mask is 0, the generated ones where it is 1,
+    blended in between (a feathered mask). Done in uint8 space so kept pixels are bit-exact."""
+    m = mask.reshape(mask.shape[-2], mask.shape[-1], 1).cpu().numpy().astype(np.float32)
+    blend = np.rint(m * generated_rgb.astype(np.float32) + (1.0 - m) * init_rgb.astype(np.float32))
+    return np.where(m == 0.0, init_rgb, blend.astype(np.uint8))
+
+
+def latent_mask(mask: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """A pixel mask (1 = repaint) at latent resolution: a latent cell is repainted if any of its pixels is."""
+    return F.adaptive_max_pool2d(mask, latent_hw)
+
+
+def _solver_img2img(model, s, cond, uncond, z0, noise, t_enc, generator, mask):
+    sigmas = solver_sigmas(model, s.steps, s.schedule, z0.device)
+    start = s.steps - t_enc
+    sigmas = sigmas[start:]
+    x = noise * sigmas[0] if t_enc == s.steps else z0 + noise * sigmas[0]
+
+    def eps_fn(x_, t_):
+        return guided_eps(model, x_, t_, cond, uncond, s.scale)
+
+    denoiser = denoiser_from_eps(eps_fn, model.alphas_cumprod)
+    if mask is not None:  # the kept region's prediction is the known latent: it converges there exactly
+        inner = denoiser
+
+        def denoiser(x_, sigma):
+            return mask * inner(x_, sigma) + (1.0 - mask) * z0
+
+    return SOLVERS[s.sampler].fn(denoiser, x, sigmas, generator=generator, callback=None)
+
+
+@torch.no_grad()
+def generate_img2img(
+    model,
+    batches: Sequence[Sequence[str]],
+    s: SampleSettings,
+    runtime: Runtime,
+    init_image: torch.Tensor,
+    strength: float,
+    mask: torch.Tensor | None = None,
+    negative_prompt: str = "",
+    progress: bool = True,
+) -> Iterator[BatchResult]:
+    """Yield decoded batches made from `init_image` ([1, 3, H, W] in [-1, 1]); `mask` ([1, 1, H, W],
+    1 = repaint) turns it into inpainting. Random draws, after seeding: the one posterior sample of the
+    init image, then per batch the noise for its start, then the sampler's draws."""
+    check_sampler(s.sampler, s.schedule)
+    t_enc = encoding_steps(strength, s.steps)
+    device = runtime.device
+    seed_everything(s.seed)
+    solver_noise = torch.Generator(device=device).manual_seed(s.seed)
+    init = init_image.to(device)
+    with runtime.autocast():
+        posterior = model.encode_first_stage(init.repeat(s.n_samples, 1, 1, 1))
+        z_init = model.get_first_stage_encoding(posterior)
+        m = None
+        if mask is not None:
+            m = latent_mask(mask.to(device, z_init.dtype), z_init.shape[-2:])
+        for it in range(s.n_iter):
+            for prompts in batches:
+                n = len(prompts)
+                z0 = z_init[:n]
+                cond, uncond = conditioning(model, prompts, n * [negative_prompt], s)
+                noise = torch.randn_like(z0)
+                if t_enc == 0:
+                    latents = z0
+                elif s.sampler in ORIGINAL_SAMPLERS:
+                    sampler = ORIGINAL_SAMPLERS[s.sampler](model)
+                    schedule = DDIMSchedule.make(model.alphas_cumprod, s.steps, s.eta).to(device)
+                    x = noise if t_enc >= len(schedule.timesteps) else stochastic_encode(z0, schedule, t_enc, noise)
+                    latents = sampler.sample(
+                        s.steps, n, tuple(z0.shape[1:]), cond, eta=s.eta, unconditional_guidance_scale=s.scale,
+                        unconditional_conditioning=uncond, x_T=x, progress=progress, t_start=t_enc,
+                        mask=None if m is None else m[:n], x0=None if m is None else z0,
+                    )
+                else:
+                    latents = _solver_img2img(model, s, cond, uncond, z0, noise, t_enc, solver_noise,
+                                              None if m is None else m[:n])
+                decoded = model.decode_first_stage(latents)
+                if mask is not None:
+                    keep = 1.0 - mask.to(decoded.device, decoded.dtype)
+                    decoded = keep * init + (1.0 - keep) * decoded
+                yield BatchResult(it, list(prompts), cond, uncond, noise, latents, decoded)

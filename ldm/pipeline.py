@@ -1,0 +1,154 @@
+"""The Python API: load a model once, then txt2img / img2img / inpaint, each returning PIL images.
+
+    from ldm.pipeline import Pipeline
+    pipe = Pipeline.from_config("configs/demo/digits.yaml")          # its checkpoint named in the config
+    digits = pipe.txt2img("a handwritten digit 7", n=4, seed=1)
+    variations = pipe.img2img(digits[0], "a handwritten digit 1", strength=0.6)
+
+Settings default to the config's `txt2img:` section, then to the original txt2img's defaults. The
+sampling code is the CLI's (`ldm.generate`, `ldm.img2img`), so a seed gives the CLI's image.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ldm.generate import SampleSettings, check_sampler, generate
+from ldm.image_input import MULTIPLE, load_image_array, load_mask, to_model_range
+from ldm.image_io import to_uint8_images
+from ldm.img2img import composite, generate_img2img
+from ldm.load import load_config, load_model
+from ldm.runtime import Runtime, resolve_runtime
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO / "configs" / "demo" / "digits.yaml"
+# The original txt2img's flag defaults, under their flag names, for configs without a `txt2img:` section.
+ORIGINAL_DEFAULTS = {"H": 512, "W": 512, "C": 4, "f": 8, "ddim_steps": 50, "sampler": "plms", "scale": 7.5}
+
+
+class Pipeline:
+    def __init__(self, model, runtime: Runtime, defaults: Mapping[str, Any] | None = None):
+        self.model = model
+        self.runtime = runtime
+        self.defaults = {**ORIGINAL_DEFAULTS, **(defaults or {})}
+
+    @classmethod
+    def from_config(
+        cls,
+        config: str | os.PathLike = DEMO_CONFIG,
+        ckpt: str | os.PathLike | None = None,
+        device: str | None = None,
+        precision: str | None = None,
+        verbose: bool = False,
+    ) -> Pipeline:
+        """Build the model of `config` from `ckpt` (default: the checkpoint its `txt2img:` section names)."""
+        cfg = load_config(config)
+        defaults = dict(cfg.get("txt2img", None) or {})
+        if ckpt is None:
+            if "ckpt" not in defaults:
+                raise ValueError(f"{config} names no checkpoint (txt2img.ckpt): pass ckpt=PATH")
+            ckpt = _beside(defaults["ckpt"], config)
+        runtime = resolve_runtime(cfg, device, precision)
+        return cls(load_model(cfg, ckpt, runtime, verbose=verbose), runtime, defaults)
+
+    def settings(self, **overrides: Any) -> SampleSettings:
+        d = self.defaults
+        given = {k: v for k, v in overrides.items() if v is not None}
+        s = SampleSettings(
+            steps=given.pop("steps", d["ddim_steps"]),
+            sampler=given.pop("sampler", d["sampler"]),
+            scale=given.pop("scale", d["scale"]),
+            height=given.pop("height", d["H"]),
+            width=given.pop("width", d["W"]),
+            channels=d["C"],
+            factor=d["f"],
+            **given,
+        )
+        check_sampler(s.sampler, s.schedule)
+        return s
+
+    def txt2img(
+        self,
+        prompt: str,
+        *,
+        negative_prompt: str = "",
+        n: int = 1,
+        seed: int = 42,
+        steps: int | None = None,
+        sampler: str | None = None,
+        scale: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        karras: bool = False,
+        eta: float = 0.0,
+    ) -> list[Image.Image]:
+        s = self.settings(steps=steps, sampler=sampler, scale=scale, height=height, width=width, n_samples=n,
+                          seed=seed, eta=eta, schedule="karras" if karras else "discrete")
+        (batch,) = generate(self.model, [n * [prompt]], s, self.runtime, progress=False,
+                            negative_prompt=negative_prompt)
+        return [Image.fromarray(a) for a in to_uint8_images(batch.decoded)]
+
+    def img2img(
+        self,
+        image: str | os.PathLike | Image.Image,
+        prompt: str,
+        *,
+        strength: float = 0.75,
+        mask: str | os.PathLike | Image.Image | None = None,
+        mask_dilate: int = 0,
+        mask_blur: float = 0.0,
+        negative_prompt: str = "",
+        n: int = 1,
+        seed: int = 42,
+        steps: int | None = None,
+        sampler: str | None = None,
+        scale: float | None = None,
+        karras: bool = False,
+        eta: float = 0.0,
+    ) -> list[Image.Image]:
+        """Variations of `image` (cut to multiples of 32 pixels); with `mask` (white = repaint), inpainting."""
+        rgb = load_image_array(image, MULTIPLE)
+        h, w = rgb.shape[:2]
+        m = None if mask is None else load_mask(mask, (w, h), dilate=mask_dilate, blur=mask_blur)
+        s = self.settings(steps=steps, sampler=sampler, scale=scale, height=h, width=w, n_samples=n, seed=seed,
+                          eta=eta, schedule="karras" if karras else "discrete")
+        (batch,) = generate_img2img(self.model, [n * [prompt]], s, self.runtime, to_model_range(rgb), strength,
+                                    mask=m, negative_prompt=negative_prompt, progress=False)
+        out = to_uint8_images(batch.decoded)
+        if m is not None:
+            out = np.stack([composite(rgb, o, m[0]) for o in out])
+        return [Image.fromarray(a) for a in out]
+
+    def inpaint(
+        self,
+        image: str | os.PathLike | Image.Image,
+        mask: str | os.PathLike | Image.Image,
+        prompt: str,
+        *,
+        strength: float = 1.0,
+        **kwargs: Any,
+    ) -> list[Image.Image]:
+        """Repaint the white part of `mask`; every pixel where the mask is black stays exactly the input's."""
+        return self.img2img(image, prompt, strength=strength, mask=mask, **kwargs)
+
+
+def _beside(path: str, config: str | os.PathLike) -> str:
+    """A relative checkpoint path from a config: from the working directory, else from above the config."""
+    if os.path.isabs(path) or os.path.exists(path):
+        return path
+    for parent in Path(config).resolve().parents:
+        if (parent / path).exists():
+            return str(parent / path)
+    return path
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """A PIL image as the [1, 3, H, W] float tensor in [-1, 1] the model takes."""
+    return to_model_range(np.asarray(image.convert("RGB")))
