@@ -6,6 +6,7 @@ an optional fixed start code, then per batch the start noise followed by the sam
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -124,6 +125,19 @@ def _nan_hint(s: SampleSettings, runtime: Runtime) -> str:
     )
 
 
+def decode(model, latents: torch.Tensor, runtime: Runtime, where: str, hint: str) -> torch.Tensor:
+    """Latents to pixels, checked. Under reduced-precision autocast the SD VAE can overflow where float32
+    does not; then the decode is redone in float32 (a warning says so) before giving up."""
+    decoded = model.decode_first_stage(latents)
+    if runtime.autocast_dtype is not None and not torch.isfinite(decoded).all():
+        warnings.warn(f"the VAE overflowed in {runtime.autocast_dtype} ({where}); decoding again in float32",
+                      stacklevel=2)
+        with torch.autocast(runtime.device.type, enabled=False):
+            decoded = model.decode_first_stage(latents.float())
+    check_finite(decoded, f"decoding produced NaN/inf pixels ({where})", hint)
+    return decoded
+
+
 def prompt_batches(prompts: Sequence[str], batch_size: int) -> list[list[str]]:
     """Group prompts into batches of `batch_size` (the last may be shorter)."""
     return [list(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
@@ -201,8 +215,5 @@ def generate(
                     latents = solve(model, s, cond, uncond, x_T, solver_noise, progress)
                 where = f"iteration {it + 1} of {s.n_iter}, batch {b + 1} of {len(batches)}"
                 check_finite(latents, f"sampling produced NaN/inf latents ({where})", _nan_hint(s, runtime))
-                decoded = model.decode_first_stage(latents)
-                # On CUDA fp16 the original VAE can overflow where fp32 does not; retrying the decode in fp32
-                # there is left undone (no GPU to test it on): the error below says to use --precision full.
-                check_finite(decoded, f"decoding produced NaN/inf pixels ({where})", _nan_hint(s, runtime))
+                decoded = decode(model, latents, runtime, where, _nan_hint(s, runtime))
                 yield BatchResult(it, list(prompts), cond, uncond, x_T, latents, decoded)

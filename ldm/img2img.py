@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ldm.checks import check_finite
 from ldm.generate import (
     ORIGINAL_SAMPLERS,
     SOLVERS,
@@ -31,6 +32,7 @@ from ldm.generate import (
     SampleSettings,
     check_sampler,
     conditioning,
+    decode,
     solver_sigmas,
 )
 from ldm.models.diffusion.sampling_common import DDIMSchedule, guided_eps, stochastic_encode
@@ -78,6 +80,41 @@ def _solver_img2img(model, s, cond, uncond, z0, noise, t_enc, generator, mask):
     return SOLVERS[s.sampler].fn(denoiser, x, sigmas, generator=generator, callback=None)
 
 
+class ConcatConditioned:
+    """The model as the samplers see it when its UNet takes extra input channels (the SD inpainting models):
+    every UNet call gets [x, c_concat] along channels, c_concat repeated over the guidance batch."""
+
+    def __init__(self, model, c_concat: torch.Tensor):
+        self._model = model
+        self._c_concat = c_concat
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
+
+    def apply_model(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        cc = self._c_concat.to(x.dtype)
+        if cc.shape[0] != x.shape[0]:
+            cc = cc.repeat(x.shape[0] // cc.shape[0], 1, 1, 1)
+        return self._model.apply_model(torch.cat([x, cc], dim=1), t, cond)
+
+
+def _for_batch(model, n: int):
+    """The sampling model for a batch of n (a shorter last batch takes the first n concat inputs)."""
+    if isinstance(model, ConcatConditioned):
+        return ConcatConditioned(model._model, model._c_concat[:n])
+    return model
+
+
+def inpainting_concat(model, init: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
+    """The extra UNet input of the inpainting models (sd-v1-5-inpainting): the mask at latent size, then the
+    latents of the image with the repainted area blanked (as they were trained: mask >= 0.5 is repainted)."""
+    repaint = (mask >= 0.5).to(init.dtype)
+    masked = (init * (1.0 - repaint)).repeat(n, 1, 1, 1)
+    masked_latents = model.get_first_stage_encoding(model.encode_first_stage(masked))
+    small_mask = F.interpolate(repaint, size=masked_latents.shape[-2:]).repeat(n, 1, 1, 1)
+    return torch.cat([small_mask, masked_latents], dim=1)
+
+
 @torch.no_grad()
 def generate_img2img(
     model,
@@ -103,10 +140,18 @@ def generate_img2img(
         posterior = model.encode_first_stage(init.repeat(s.n_samples, 1, 1, 1))
         z_init = model.get_first_stage_encoding(posterior)
         m = None
-        if mask is not None:
+        sampling_model = model
+        if getattr(model, "concat_channels", 0):
+            if mask is None:
+                raise ValueError(
+                    "this is an inpainting model (its UNet also takes a mask and a masked image): give a mask"
+                )
+            c_concat = inpainting_concat(model, init, mask.to(device, init.dtype), s.n_samples)
+            sampling_model = ConcatConditioned(model, c_concat)  # the model itself fills in the masked area
+        elif mask is not None:
             m = latent_mask(mask.to(device, z_init.dtype), z_init.shape[-2:])
         for it in range(s.n_iter):
-            for prompts in batches:
+            for b, prompts in enumerate(batches):
                 n = len(prompts)
                 z0 = z_init[:n]
                 cond, uncond = conditioning(model, prompts, n * [negative_prompt], s)
@@ -114,18 +159,38 @@ def generate_img2img(
                 if t_enc == 0:
                     latents = z0
                 elif s.sampler in ORIGINAL_SAMPLERS:
-                    sampler = ORIGINAL_SAMPLERS[s.sampler](model)
+                    sampler = ORIGINAL_SAMPLERS[s.sampler](_for_batch(sampling_model, n))
                     schedule = DDIMSchedule.make(model.alphas_cumprod, s.steps, s.eta).to(device)
                     x = noise if t_enc >= len(schedule.timesteps) else stochastic_encode(z0, schedule, t_enc, noise)
                     latents = sampler.sample(
-                        s.steps, n, tuple(z0.shape[1:]), cond, eta=s.eta, unconditional_guidance_scale=s.scale,
-                        unconditional_conditioning=uncond, x_T=x, progress=progress, t_start=t_enc,
-                        mask=None if m is None else m[:n], x0=None if m is None else z0,
+                        s.steps,
+                        n,
+                        tuple(z0.shape[1:]),
+                        cond,
+                        eta=s.eta,
+                        unconditional_guidance_scale=s.scale,
+                        unconditional_conditioning=uncond,
+                        x_T=x,
+                        progress=progress,
+                        t_start=t_enc,
+                        mask=None if m is None else m[:n],
+                        x0=None if m is None else z0,
                     )
                 else:
-                    latents = _solver_img2img(model, s, cond, uncond, z0, noise, t_enc, solver_noise,
-                                              None if m is None else m[:n])
-                decoded = model.decode_first_stage(latents)
+                    latents = _solver_img2img(
+                        _for_batch(sampling_model, n),
+                        s,
+                        cond,
+                        uncond,
+                        z0,
+                        noise,
+                        t_enc,
+                        solver_noise,
+                        None if m is None else m[:n],
+                    )
+                where = f"iteration {it + 1} of {s.n_iter}, batch {b + 1} of {len(batches)}"
+                check_finite(latents, f"sampling produced NaN/inf latents ({where})", "try --precision full")
+                decoded = decode(model, latents, runtime, where, "try --precision full or a smaller --scale")
                 if mask is not None:
                     keep = 1.0 - mask.to(decoded.device, decoded.dtype)
                     decoded = keep * init + (1.0 - keep) * decoded

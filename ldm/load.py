@@ -57,7 +57,7 @@ def describe_layout(sd: Mapping[str, torch.Tensor]) -> str:
     if any(k.startswith("cond_stage_model.model.") for k in sd) or (ctx is not None and ctx.shape[-1] == 1024):
         return "a Stable Diffusion 2.x checkpoint (OpenCLIP text encoder, 1024-dim context)"
     if unet_in.shape[1] == 9:
-        return "an inpainting checkpoint (9-channel UNet input)"
+        return "an inpainting checkpoint (9-channel UNet input; configs/stable-diffusion/v1-inpainting-inference.yaml)"
     return f"a Stable Diffusion checkpoint with a {unet_in.shape[1]}-channel UNet input"
 
 

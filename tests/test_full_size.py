@@ -47,6 +47,7 @@ def test_state_dict_layout_equals_the_original(manifest, config):
 )
 def test_original_format_checkpoints_load_completely(flags):
     path = fake_full_ckpt(*flags)
+    lightning_was_imported = "pytorch_lightning" in sys.modules
     sd, info = read_state_dict(path)
     cfg = OmegaConf.load(CPU_CONFIG)
     model, report = build_model(cfg.model, sd, CPU)
@@ -62,7 +63,9 @@ def test_original_format_checkpoints_load_completely(flags):
     assert torch.equal(emb.position_ids, torch.arange(77)[None])
     assert info["global_step"] == (None if "--safetensors" in flags else 470000)
     assert info["dtype_counts"].get("float16", 0) == (1143 if "--fp16" in flags else 0)
-    assert "pytorch_lightning" not in sys.modules
+    # (test_checkpoint_io proves it in a fresh interpreter; here: loading did not import it, unless another
+    # test in this session already had)
+    assert lightning_was_imported or "pytorch_lightning" not in sys.modules
 
 
 @pytest.mark.slow

@@ -21,8 +21,6 @@ from .conftest import REPO
 sys.path.insert(0, str(REPO))
 import main as train_main  # noqa: E402
 
-pytest.importorskip("pytorch_lightning")
-
 AE_CONFIG = REPO / "configs" / "demo" / "digits-autoencoder.yaml"
 LDM_CONFIG = REPO / "configs" / "demo" / "digits.yaml"
 STEPS = 12

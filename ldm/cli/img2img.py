@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 import numpy as np
+from omegaconf import OmegaConf
 
 from ldm.cli import txt2img as t2i
 from ldm.cli.txt2img import UsageError
@@ -61,6 +62,8 @@ def run(opt: argparse.Namespace) -> list[str]:
     opt.H, opt.W = h, w
     t2i.validate(opt)
     config, runtime, ckpt = t2i.prepare(opt)
+    if OmegaConf.select(config, "model.params.conditioning_key", default=None) == "hybrid" and mask is None:
+        raise UsageError(f"{opt.config} is an inpainting model: give --mask (white = repaint)")
     batches, negatives = t2i.split_negatives(t2i.read_batches(opt), opt.negative_prompt)
     if len({n for batch in negatives for n in batch}) > 1:
         raise UsageError("img2img takes one negative prompt for the run (--negative_prompt), not one per line")

@@ -255,9 +255,11 @@ def check_fits(opt: argparse.Namespace, config, runtime, ckpt: str) -> None:
     """Refuse what the model or the memory cannot take, from the config alone (before loading weights)."""
     if not OmegaConf.select(config, "model.target", default=None):
         raise UsageError(f"config {opt.config} has no model.target: is it a model config (see configs/)?")
-    in_channels = OmegaConf.select(config, "model.params.unet_config.params.in_channels", default=None)
-    if isinstance(in_channels, int) and opt.C != in_channels:
-        raise UsageError(f"--C {opt.C} does not match the model's {in_channels} latent channels; use --C {in_channels}")
+    channels = OmegaConf.select(config, "model.params.channels", default=None)
+    if channels is None:
+        channels = OmegaConf.select(config, "model.params.unet_config.params.in_channels", default=None)
+    if isinstance(channels, int) and opt.C != channels:
+        raise UsageError(f"--C {opt.C} does not match the model's {channels} latent channels; use --C {channels}")
     unet, vae, text = model_widths(config)
     weight_bytes = os.path.getsize(ckpt) if os.path.isfile(ckpt) else 0
     need = estimate_peak_bytes(
@@ -404,6 +406,8 @@ def save_runs(
 def run(opt: argparse.Namespace) -> list[str]:
     validate(opt)
     config, runtime, ckpt = prepare(opt)
+    if OmegaConf.select(config, "model.params.conditioning_key", default=None) == "hybrid":
+        raise UsageError(f"{opt.config} is an inpainting model: use scripts/img2img.py with --init-img and --mask")
     batches, negatives = split_negatives(read_batches(opt), opt.negative_prompt)
     settings = settings_from(opt)
     model, writer = load_for_run(opt, config, runtime, ckpt, batches)

@@ -92,8 +92,13 @@ class LatentDiffusion(nn.Module):
         super().__init__()
         if beta_schedule != "linear":
             raise ValueError(f"beta_schedule {beta_schedule!r} is not supported (SD v1 uses 'linear')")
-        if conditioning_key != "crossattn":
-            raise ValueError(f"conditioning_key {conditioning_key!r} is not supported (SD v1 uses 'crossattn')")
+        if conditioning_key not in ("crossattn", "hybrid"):
+            raise ValueError(
+                f"conditioning_key {conditioning_key!r} is not supported (SD v1 uses 'crossattn'; its inpainting "
+                "models 'hybrid')"
+            )
+        # hybrid: text by cross-attention plus extra input channels (inpainting: mask and masked-image latents)
+        self.conditioning_key = conditioning_key
         if parameterization != "eps":
             raise ValueError(f"parameterization {parameterization!r} is not supported (SD v1 predicts 'eps')")
         self.num_timesteps = timesteps
@@ -115,6 +120,11 @@ class LatentDiffusion(nn.Module):
     @torch.no_grad()
     def get_learned_conditioning(self, prompts: list[str]) -> torch.Tensor:
         return self.cond_stage_model.encode(prompts)
+
+    @property
+    def concat_channels(self) -> int:
+        """Input channels the UNet takes beyond the latents (4 + 1 for the inpainting models, else 0)."""
+        return self.model.diffusion_model.input_blocks[0][0].in_channels - self.channels
 
     def apply_model(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Predicted noise for latents `x` at integer timesteps `t` under text context `cond`."""
