@@ -82,3 +82,15 @@ def test_wrong_layouts_are_clear_errors():
     wide[key] = torch.zeros(320, 1024)
     with pytest.raises(CheckpointError, match="Stable Diffusion 2"):
         build_model(cfg.model, wide, CPU)
+
+
+def test_inpainting_config_is_the_v1_layout_with_a_9_channel_input(manifest):
+    """sd-v1-5-inpainting differs from SD v1 in one tensor: the UNet's first conv takes 9 channels."""
+    cfg = OmegaConf.load(REPO / "configs" / "stable-diffusion" / "v1-inpainting-inference.yaml")
+    with torch.device("meta"):
+        model = instantiate_from_config(cfg.model)
+    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
+    expected = {k: list(s) for k, (s, _) in manifest["keys"].items()}
+    first = "model.diffusion_model.input_blocks.0.0.weight"
+    assert expected[first] == [320, 4, 3, 3] and ours[first] == [320, 9, 3, 3]
+    assert {k: v for k, v in ours.items() if k != first} == {k: v for k, v in expected.items() if k != first}
