@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import ctypes
 import datetime
 import gc
 import hashlib
@@ -298,15 +299,26 @@ def timed(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[float, 
     return time.perf_counter() - t0, y
 
 
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps many freed mid-sized tensors otherwise), so the resident
+    set after one precision does not count into the next one's figures."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 @dataclass
 class Measured:
     seconds: list[float] = field(default_factory=list)
     extra_bytes: float = 0.0  # peak during a call minus what was in use just before it, max over calls
     output: torch.Tensor | None = None
+    error: str | None = None  # the call raised: this model cannot run this row (reported, not fatal)
 
     @property
-    def median(self) -> float:
-        return statistics.median(self.seconds)
+    def median(self) -> float | None:
+        return statistics.median(self.seconds) if self.seconds else None
 
 
 def measure(
@@ -317,10 +329,18 @@ def measure(
     names = list(fns)
 
     def once(name: str, keep: bool) -> None:
+        if out[name].error:
+            return
         gc.collect()
         memory.reset()
         before = memory.now()
-        seconds, y = timed(fns[name], device)
+        try:
+            seconds, y = timed(fns[name], device)
+        except Exception as e:  # one side unable to run a row is a result to report, not the end of the run
+            lines = str(e).strip().splitlines()
+            out[name].error = f"{type(e).__name__}: {lines[0] if lines else ''}"
+            log(f"[benchmark]   {name} failed: {out[name].error}")
+            return
         out[name].extra_bytes = max(out[name].extra_bytes, memory.peak() - before)
         out[name].output = y.detach().float().cpu()
         if keep:
@@ -414,7 +434,7 @@ def run_precision(precision: str, c: Context) -> list[Row]:
     rows = time_rows(precision, ours, theirs, c)
     del ours, theirs
     with phase(c.phases, f"{precision}: models freed", c.memory):
-        pass
+        release_freed_memory()
     return rows
 
 
@@ -455,8 +475,8 @@ def time_rows(precision: str, ours: nn.Module, theirs: Theirs | None, c: Context
             )
         rows.append(row)
         log(
-            f"[benchmark]   ours {row.ours.median:.3f} s"
-            + (f", diffusers {row.theirs.median:.3f} s" if row.theirs else "")
+            f"[benchmark]   ours {seconds_cell(row.ours)} s"
+            + (f", diffusers {seconds_cell(row.theirs)} s" if theirs else "")
         )
 
     # Inputs are float32 draws from one seeded generator, then cast: every precision sees the same values.
@@ -517,7 +537,8 @@ def machine(device: torch.device, threads: int) -> list[str]:
         mem = f", {int(f.readline().split()[1]) / 1024**2:.1f} GiB RAM"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     lines = [
-        f"- CPU: {cpu}, {cores} cores available{mem}; {' '.join(isa) or 'no AVX flags read'}",
+        f"- CPU: {cpu}, {cores} cores available{mem}; flags: {' '.join(isa) or 'none of the AVX ones'}; "
+        f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}",
         f"- torch {torch.__version__}, {threads} intra-op threads, python {platform.python_version()}",
     ]
     with contextlib.suppress(ImportError):
@@ -532,6 +553,17 @@ def machine(device: torch.device, threads: int) -> list[str]:
 
 def fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
+
+
+def seconds_cell(m: Measured | None, spread: bool = False) -> str:
+    """The median; with `spread`, the fastest and slowest repeat too, to show how much the machine wobbled."""
+    if m is not None and m.error:
+        return "failed"
+    if m is None or not m.seconds:
+        return "-"
+    if spread and len(m.seconds) > 1:
+        return f"{m.median:.3f} ({min(m.seconds):.2f}-{max(m.seconds):.2f})"
+    return f"{m.median:.3f}"
 
 
 def report(
@@ -556,21 +588,26 @@ def report(
         ),
         "",
     ]
-    head = ["precision", "row", "ours s"]
+    head = ["precision", "row", "ours s (min-max)"]
     if vs:
-        head += ["diffusers s", "ours/diffusers", "rel err ours vs diffusers"]
+        head += ["diffusers s (min-max)", "ours/diffusers", "rel err ours vs diffusers"]
     head += [
         "rel err vs fp32 (ours" + (" / diffusers)" if vs else ")"),
         "call peak +GiB (ours" + (" / diffusers)" if vs else ")"),
     ]
     out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    notes = sorted({f"{r.what}: {r.note}" for r in rows if r.note})
     for r in rows:
-        cells = [r.precision, r.what, fmt(r.ours.median, ".3f")]
+        for who, m in (("ours", r.ours), ("diffusers", r.theirs)):
+            if m is not None and m.error:
+                notes.append(f"{r.precision} {r.what}: {who} failed: {m.error}")
+        cells = [r.precision, r.what, seconds_cell(r.ours, spread=True)]
         if vs:
             t = r.theirs
+            ratio = r.ours.median / t.median if t and t.median and r.ours.median else None
             cells += [
-                fmt(t.median if t else None, ".3f"),
-                fmt(r.ours.median / t.median if t else None, ".2f"),
+                seconds_cell(t, spread=True),
+                fmt(ratio, ".2f"),
                 fmt(rel_err(r.ours.output, t.output) if t else None, ".1e"),
             ]
         err = fmt(r.err_vs_fp32[0], ".1e") + (" / " + fmt(r.err_vs_fp32[1], ".1e") if vs else "")
@@ -585,7 +622,7 @@ def report(
         for size in args.sizes:
             unet = by.get(f"UNet {size_name(size)}, guidance (batch 2)")
             vae = by.get(f"VAE decode {size_name(size)} (batch 1)")
-            if not (text and unet and vae):
+            if not (text and unet and vae) or None in (text.ours.median, unet.ours.median, vae.ours.median):
                 continue
             ours_s = text.ours.median + args.steps * unet.ours.median + vae.ours.median
             cells = [
@@ -594,13 +631,17 @@ def report(
                 f"{ours_s:.1f}",
             ]
             if vs:
-                if text.theirs and unet.theirs and vae.theirs:
+                if (
+                    text.theirs
+                    and unet.theirs
+                    and vae.theirs
+                    and None not in (text.theirs.median, unet.theirs.median, vae.theirs.median)
+                ):
                     th = text.theirs.median + args.steps * unet.theirs.median + vae.theirs.median
                     cells += [f"{th:.1f}", f"{ours_s / th:.2f}", "-"]
                 else:
                     cells += ["-", "-", "-"]
             out.append("| " + " | ".join([*cells, "-", "-"]) + " |")
-    notes = sorted({f"{r.what}: {r.note}" for r in rows if r.note})
     if notes:
         out += ["", *[f"Note, {n}." for n in notes]]
     out += [
@@ -639,8 +680,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     try:
         args.sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
-    except ValueError:
-        p.error(f"--sizes {args.sizes!r}: expected sizes like 256,512 or 512x768")
+    except (ValueError, argparse.ArgumentTypeError) as e:
+        p.error(f"--sizes {args.sizes!r}: expected sizes like 256,512 or 512x768 ({e})")
     precisions = [s.strip() for s in args.precisions.split(",") if s.strip()]
     if args.autocast:
         precisions += [f"{q}-autocast" for q in precisions if q in ("bf16", "fp16")]
@@ -666,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--device cuda: no CUDA device here")
     if device.type not in ("cpu", "cuda"):
         raise SystemExit(f"--device {args.device}: use cpu or cuda[:N]")
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     torch.set_num_threads(threads)

@@ -552,3 +552,26 @@ def test_vae_mapping_agrees_with_diffusers_converter(name: str) -> None:
     assert sorted(mine) == sorted(theirs)
     for k in mine:
         assert mine[k].shape == theirs[k].shape and torch.equal(mine[k], theirs[k]), k
+
+
+def test_unet_runs_with_bfloat16_weights_on_the_cpu():
+    """GroupNorm32 computes in float32 whatever the weights' dtype (the CPU kernel refuses mixed dtypes)."""
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    torch.manual_seed(0)
+    unet = UNetModel(
+        in_channels=4,
+        out_channels=4,
+        model_channels=32,
+        attention_resolutions=[1],
+        num_res_blocks=1,
+        channel_mult=[1, 2],
+        num_heads=2,
+        context_dim=32,
+    )
+    x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 7, 32)
+    with torch.no_grad():
+        ref = unet(x, t, context=ctx)
+        out = unet.to(torch.bfloat16)(x.bfloat16(), t, context=ctx.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).norm() / ref.norm() < 0.05
