@@ -7,7 +7,7 @@ an optional fixed start code, then per batch the start noise followed by the sam
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -96,6 +96,28 @@ def solver_sigmas(model, steps: int, schedule: str, device: torch.device) -> tor
     return discrete_sigmas(model.alphas_cumprod, steps, device=device)
 
 
+def run_solver(
+    model,
+    s: SampleSettings,
+    cond: torch.Tensor,
+    uncond: torch.Tensor | None,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    generator: torch.Generator,
+    progress: bool,
+    wrap_denoiser: Callable | None = None,
+) -> torch.Tensor:
+    """Run the solver `s.sampler` from `x` along `sigmas`; guidance is applied inside the denoiser, which
+    `wrap_denoiser` may wrap (inpainting pins the kept region's prediction to the known latents)."""
+    denoiser = denoiser_from_eps(lambda x_, t: guided_eps(model, x_, t, cond, uncond, s.scale), model.alphas_cumprod)
+    if wrap_denoiser is not None:
+        denoiser = wrap_denoiser(denoiser)
+    with tqdm(total=len(sigmas) - 1, desc=f"{s.sampler} sampler", disable=not progress, leave=False) as bar:
+        return SOLVERS[s.sampler].fn(
+            denoiser, x, sigmas, generator=generator, callback=lambda i, x_, denoised: bar.update(1)
+        )
+
+
 def solve(
     model,
     s: SampleSettings,
@@ -105,17 +127,16 @@ def solve(
     generator: torch.Generator,
     progress: bool,
 ) -> torch.Tensor:
-    """Run a k-diffusion-style solver from unit noise `x_T`; guidance is applied inside the denoiser."""
-    info = SOLVERS[s.sampler]
+    """txt2img with a solver: from unit noise `x_T`, scaled to the schedule's first sigma."""
     sigmas = solver_sigmas(model, s.steps, s.schedule, x_T.device)
-    denoiser = denoiser_from_eps(lambda x, t: guided_eps(model, x, t, cond, uncond, s.scale), model.alphas_cumprod)
-    with tqdm(total=len(sigmas) - 1, desc=f"{s.sampler} sampler", disable=not progress, leave=False) as bar:
-        return info.fn(
-            denoiser, x_T * sigmas[0], sigmas, generator=generator, callback=lambda i, x, denoised: bar.update(1)
-        )
+    return run_solver(model, s, cond, uncond, x_T * sigmas[0], sigmas, generator, progress)
 
 
-def _nan_hint(s: SampleSettings, runtime: Runtime) -> str:
+def batch_place(s: SampleSettings, it: int, b: int, n_batches: int) -> str:
+    return f"iteration {it + 1} of {s.n_iter}, batch {b + 1} of {n_batches}"
+
+
+def nan_hint(s: SampleSettings, runtime: Runtime) -> str:
     """What to try when a batch goes NaN/inf: fp16 overflow first, then the settings that can blow up."""
     if runtime.autocast_dtype is not None:
         return "fp16 overflowed: try --precision full"
@@ -126,12 +147,14 @@ def _nan_hint(s: SampleSettings, runtime: Runtime) -> str:
 
 
 def decode(model, latents: torch.Tensor, runtime: Runtime, where: str, hint: str) -> torch.Tensor:
-    """Latents to pixels, checked. Under reduced-precision autocast the SD VAE can overflow where float32
-    does not; then the decode is redone in float32 (a warning says so) before giving up."""
+    """Latents to pixels, both checked for NaN/inf. Under reduced-precision autocast the SD VAE can overflow
+    where float32 does not; then the decode is redone in float32 (a warning says so) before giving up."""
+    check_finite(latents, f"sampling produced NaN/inf latents ({where})", hint)
     decoded = model.decode_first_stage(latents)
     if runtime.autocast_dtype is not None and not torch.isfinite(decoded).all():
-        warnings.warn(f"the VAE overflowed in {runtime.autocast_dtype} ({where}); decoding again in float32",
-                      stacklevel=2)
+        warnings.warn(
+            f"the VAE overflowed in {runtime.autocast_dtype} ({where}); decoding again in float32", stacklevel=2
+        )
         with torch.autocast(runtime.device.type, enabled=False):
             decoded = model.decode_first_stage(latents.float())
     check_finite(decoded, f"decoding produced NaN/inf pixels ({where})", hint)
@@ -213,7 +236,5 @@ def generate(
                     )
                 else:
                     latents = solve(model, s, cond, uncond, x_T, solver_noise, progress)
-                where = f"iteration {it + 1} of {s.n_iter}, batch {b + 1} of {len(batches)}"
-                check_finite(latents, f"sampling produced NaN/inf latents ({where})", _nan_hint(s, runtime))
-                decoded = decode(model, latents, runtime, where, _nan_hint(s, runtime))
+                decoded = decode(model, latents, runtime, batch_place(s, it, b, len(batches)), nan_hint(s, runtime))
                 yield BatchResult(it, list(prompts), cond, uncond, x_T, latents, decoded)

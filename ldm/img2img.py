@@ -24,20 +24,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ldm.checks import check_finite
 from ldm.generate import (
     ORIGINAL_SAMPLERS,
-    SOLVERS,
     BatchResult,
     SampleSettings,
+    batch_place,
     check_sampler,
     conditioning,
     decode,
+    nan_hint,
+    run_solver,
     solver_sigmas,
 )
-from ldm.models.diffusion.sampling_common import DDIMSchedule, guided_eps, stochastic_encode
+from ldm.models.diffusion.sampling_common import DDIMSchedule, stochastic_encode
 from ldm.runtime import Runtime
-from ldm.samplers.k_samplers import denoiser_from_eps
 from ldm.util import seed_everything
 
 
@@ -61,23 +61,18 @@ def latent_mask(mask: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
     return F.adaptive_max_pool2d(mask, latent_hw)
 
 
-def _solver_img2img(model, s, cond, uncond, z0, noise, t_enc, generator, mask):
-    sigmas = solver_sigmas(model, s.steps, s.schedule, z0.device)
-    start = s.steps - t_enc
-    sigmas = sigmas[start:]
+def _solver_img2img(model, s, cond, uncond, z0, noise, t_enc, generator, mask, progress):
+    """The solver's schedule from the sigma `t_enc` steps before its end: from z0 noised to it, or from pure
+    noise when t_enc covers every step (txt2img's start)."""
+    sigmas = solver_sigmas(model, s.steps, s.schedule, z0.device)[s.steps - t_enc :]
     x = noise * sigmas[0] if t_enc == s.steps else z0 + noise * sigmas[0]
-
-    def eps_fn(x_, t_):
-        return guided_eps(model, x_, t_, cond, uncond, s.scale)
-
-    denoiser = denoiser_from_eps(eps_fn, model.alphas_cumprod)
+    wrap = None
     if mask is not None:  # the kept region's prediction is the known latent: it converges there exactly
-        inner = denoiser
 
-        def denoiser(x_, sigma):
-            return mask * inner(x_, sigma) + (1.0 - mask) * z0
+        def wrap(inner):
+            return lambda x_, sigma: mask * inner(x_, sigma) + (1.0 - mask) * z0
 
-    return SOLVERS[s.sampler].fn(denoiser, x, sigmas, generator=generator, callback=None)
+    return run_solver(model, s, cond, uncond, x, sigmas, generator, progress, wrap_denoiser=wrap)
 
 
 class ConcatConditioned:
@@ -96,13 +91,6 @@ class ConcatConditioned:
         if cc.shape[0] != x.shape[0]:
             cc = cc.repeat(x.shape[0] // cc.shape[0], 1, 1, 1)
         return self._model.apply_model(torch.cat([x, cc], dim=1), t, cond)
-
-
-def _for_batch(model, n: int):
-    """The sampling model for a batch of n (a shorter last batch takes the first n concat inputs)."""
-    if isinstance(model, ConcatConditioned):
-        return ConcatConditioned(model._model, model._c_concat[:n])
-    return model
 
 
 def inpainting_concat(model, init: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
@@ -139,28 +127,28 @@ def generate_img2img(
     with runtime.autocast():
         posterior = model.encode_first_stage(init.repeat(s.n_samples, 1, 1, 1))
         z_init = model.get_first_stage_encoding(posterior)
-        m = None
-        sampling_model = model
+        m = c_concat = None
         if getattr(model, "concat_channels", 0):
             if mask is None:
                 raise ValueError(
                     "this is an inpainting model (its UNet also takes a mask and a masked image): give a mask"
                 )
+            # The model itself fills in the masked area, from the mask and the masked image it is given.
             c_concat = inpainting_concat(model, init, mask.to(device, init.dtype), s.n_samples)
-            sampling_model = ConcatConditioned(model, c_concat)  # the model itself fills in the masked area
         elif mask is not None:
             m = latent_mask(mask.to(device, z_init.dtype), z_init.shape[-2:])
+        schedule = DDIMSchedule.make(model.alphas_cumprod, s.steps, s.eta).to(device)
         for it in range(s.n_iter):
             for b, prompts in enumerate(batches):
                 n = len(prompts)
                 z0 = z_init[:n]
+                sampling_model = model if c_concat is None else ConcatConditioned(model, c_concat[:n])
                 cond, uncond = conditioning(model, prompts, n * [negative_prompt], s)
                 noise = torch.randn_like(z0)
                 if t_enc == 0:
                     latents = z0
                 elif s.sampler in ORIGINAL_SAMPLERS:
-                    sampler = ORIGINAL_SAMPLERS[s.sampler](_for_batch(sampling_model, n))
-                    schedule = DDIMSchedule.make(model.alphas_cumprod, s.steps, s.eta).to(device)
+                    sampler = ORIGINAL_SAMPLERS[s.sampler](sampling_model)
                     x = noise if t_enc >= len(schedule.timesteps) else stochastic_encode(z0, schedule, t_enc, noise)
                     latents = sampler.sample(
                         s.steps,
@@ -178,7 +166,7 @@ def generate_img2img(
                     )
                 else:
                     latents = _solver_img2img(
-                        _for_batch(sampling_model, n),
+                        sampling_model,
                         s,
                         cond,
                         uncond,
@@ -187,10 +175,10 @@ def generate_img2img(
                         t_enc,
                         solver_noise,
                         None if m is None else m[:n],
+                        progress,
                     )
-                where = f"iteration {it + 1} of {s.n_iter}, batch {b + 1} of {len(batches)}"
-                check_finite(latents, f"sampling produced NaN/inf latents ({where})", "try --precision full")
-                decoded = decode(model, latents, runtime, where, "try --precision full or a smaller --scale")
+                where = batch_place(s, it, b, len(batches))
+                decoded = decode(model, latents, runtime, where, nan_hint(s, runtime))
                 if mask is not None:
                     keep = 1.0 - mask.to(decoded.device, decoded.dtype)
                     decoded = keep * init + (1.0 - keep) * decoded

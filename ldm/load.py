@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,6 +45,17 @@ def load_config(path: str | os.PathLike) -> DictConfig:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: {path} (see configs/ for the shipped ones)")
     return OmegaConf.load(path)
+
+
+def resolve_config_path(path: str, config_path: str | os.PathLike) -> str:
+    """A relative path from a config is tried from the working directory, then from each directory above
+    the config file, so `models/demo/x.safetensors` in `configs/demo/x.yaml` works from any directory."""
+    if os.path.isabs(path) or os.path.exists(path):
+        return path
+    for parent in Path(config_path).resolve().parents:
+        if (parent / path).exists():
+            return str(parent / path)
+    return path
 
 
 def describe_layout(sd: Mapping[str, torch.Tensor]) -> str:

@@ -24,7 +24,7 @@ from ldm.generate import SampleSettings, check_sampler, generate
 from ldm.image_input import MULTIPLE, load_image_array, load_mask, to_model_range
 from ldm.image_io import to_uint8_images
 from ldm.img2img import composite, generate_img2img
-from ldm.load import load_config, load_model
+from ldm.load import load_config, load_model, resolve_config_path
 from ldm.runtime import Runtime, resolve_runtime
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +54,7 @@ class Pipeline:
         if ckpt is None:
             if "ckpt" not in defaults:
                 raise ValueError(f"{config} names no checkpoint (txt2img.ckpt): pass ckpt=PATH")
-            ckpt = _beside(defaults["ckpt"], config)
+            ckpt = resolve_config_path(str(defaults["ckpt"]), config)
         runtime = resolve_runtime(cfg, device, precision)
         return cls(load_model(cfg, ckpt, runtime, verbose=verbose), runtime, defaults)
 
@@ -89,10 +89,20 @@ class Pipeline:
         karras: bool = False,
         eta: float = 0.0,
     ) -> list[Image.Image]:
-        s = self.settings(steps=steps, sampler=sampler, scale=scale, height=height, width=width, n_samples=n,
-                          seed=seed, eta=eta, schedule="karras" if karras else "discrete")
-        (batch,) = generate(self.model, [n * [prompt]], s, self.runtime, progress=False,
-                            negative_prompt=negative_prompt)
+        s = self.settings(
+            steps=steps,
+            sampler=sampler,
+            scale=scale,
+            height=height,
+            width=width,
+            n_samples=n,
+            seed=seed,
+            eta=eta,
+            schedule="karras" if karras else "discrete",
+        )
+        (batch,) = generate(
+            self.model, [n * [prompt]], s, self.runtime, progress=False, negative_prompt=negative_prompt
+        )
         return [Image.fromarray(a) for a in to_uint8_images(batch.decoded)]
 
     def img2img(
@@ -117,10 +127,28 @@ class Pipeline:
         rgb = load_image_array(image, MULTIPLE)
         h, w = rgb.shape[:2]
         m = None if mask is None else load_mask(mask, (w, h), dilate=mask_dilate, blur=mask_blur)
-        s = self.settings(steps=steps, sampler=sampler, scale=scale, height=h, width=w, n_samples=n, seed=seed,
-                          eta=eta, schedule="karras" if karras else "discrete")
-        (batch,) = generate_img2img(self.model, [n * [prompt]], s, self.runtime, to_model_range(rgb), strength,
-                                    mask=m, negative_prompt=negative_prompt, progress=False)
+        s = self.settings(
+            steps=steps,
+            sampler=sampler,
+            scale=scale,
+            height=h,
+            width=w,
+            n_samples=n,
+            seed=seed,
+            eta=eta,
+            schedule="karras" if karras else "discrete",
+        )
+        (batch,) = generate_img2img(
+            self.model,
+            [n * [prompt]],
+            s,
+            self.runtime,
+            to_model_range(rgb),
+            strength,
+            mask=m,
+            negative_prompt=negative_prompt,
+            progress=False,
+        )
         out = to_uint8_images(batch.decoded)
         if m is not None:
             out = np.stack([composite(rgb, o, m[0]) for o in out])
@@ -137,16 +165,6 @@ class Pipeline:
     ) -> list[Image.Image]:
         """Repaint the white part of `mask`; every pixel where the mask is black stays exactly the input's."""
         return self.img2img(image, prompt, strength=strength, mask=mask, **kwargs)
-
-
-def _beside(path: str, config: str | os.PathLike) -> str:
-    """A relative checkpoint path from a config: from the working directory, else from above the config."""
-    if os.path.isabs(path) or os.path.exists(path):
-        return path
-    for parent in Path(config).resolve().parents:
-        if (parent / path).exists():
-            return str(parent / path)
-    return path
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:

@@ -68,7 +68,7 @@ def run(opt: argparse.Namespace) -> list[str]:
     if len({n for batch in negatives for n in batch}) > 1:
         raise UsageError("img2img takes one negative prompt for the run (--negative_prompt), not one per line")
     settings = t2i.settings_from(opt)
-    model, writer = t2i.load_for_run(opt, config, runtime, ckpt, batches)
+    model, writer = t2i.load_for_run(opt, config, runtime, ckpt, batches, settings)
     print(f"target t_enc is {int(opt.strength * opt.ddim_steps)} steps")
     runs = generate_img2img(
         model,

@@ -10,7 +10,6 @@ import sys
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,7 +27,7 @@ from ldm.checks import (
 from ldm.generate import SAMPLER_NAMES, SampleSettings, check_sampler, describe_samplers, generate, prompt_batches
 from ldm.image_io import OutputWriter, Watermarker, grid_to_uint8, make_grid, to_uint8_images, to_unit_range
 from ldm.infotext import format_infotext, legacy_model_hash
-from ldm.load import load_config, load_model
+from ldm.load import load_config, load_model, resolve_config_path
 from ldm.prompts import dropped_words
 from ldm.runtime import PRECISIONS, RuntimeChoiceError, resolve_runtime
 
@@ -121,17 +120,6 @@ def build_parser() -> argparse.ArgumentParser:
         "(always on for prompts with (word:1.3)-style weighting)",
     )
     return p
-
-
-def resolve_config_path(path: str, config_path: str) -> str:
-    """A relative path from a config is tried from the working directory, then from each directory above
-    the config file, so `models/demo/x.safetensors` in `configs/demo/x.yaml` works from any directory."""
-    if os.path.isabs(path) or os.path.exists(path):
-        return path
-    for parent in Path(config_path).resolve().parents:
-        if (parent / path).exists():
-            return str(parent / path)
-    return path
 
 
 def parse_args(argv: Sequence[str] | None = None, builder=None) -> argparse.Namespace:
@@ -336,11 +324,13 @@ def settings_from(opt: argparse.Namespace) -> SampleSettings:
     )
 
 
-def load_for_run(opt: argparse.Namespace, config, runtime, ckpt: str, batches: list[list[str]]):
+def load_for_run(
+    opt: argparse.Namespace, config, runtime, ckpt: str, batches: list[list[str]], settings: SampleSettings
+):
     if ckpt != opt.ckpt:
         print(f"Using {ckpt} in place of {opt.ckpt}: a .safetensors file needs no unpickling")
     model = load_model(config, ckpt, runtime)
-    warn_truncated(model, batches, True if opt.long_prompts else None)
+    warn_truncated(model, batches, settings.chunking)
     # Only now that the model loaded: a run that fails before this leaves no new directory behind.
     try:
         os.makedirs(opt.outdir, exist_ok=True)
@@ -410,7 +400,7 @@ def run(opt: argparse.Namespace) -> list[str]:
         raise UsageError(f"{opt.config} is an inpainting model: use scripts/img2img.py with --init-img and --mask")
     batches, negatives = split_negatives(read_batches(opt), opt.negative_prompt)
     settings = settings_from(opt)
-    model, writer = load_for_run(opt, config, runtime, ckpt, batches)
+    model, writer = load_for_run(opt, config, runtime, ckpt, batches, settings)
     runs = generate(model, batches, settings, runtime, progress=not opt.quiet, negative_prompt=negatives)
     return save_runs(opt, runs, writer, infotext_fields(settings, ckpt), negatives)
 
