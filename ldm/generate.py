@@ -14,9 +14,11 @@ import torch
 from tqdm import tqdm
 
 from ldm.checks import check_finite
+from ldm.feature_reuse import reuse_features
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.models.diffusion.sampling_common import DiscreteSampler, guided_eps
+from ldm.modules.weight_cast import compute_dtype, compute_in
 from ldm.prompts import encode_pair, uses_custom_path
 from ldm.runtime import Runtime
 from ldm.samplers.k_samplers import SAMPLERS as K_SAMPLERS
@@ -62,6 +64,11 @@ class SampleSettings:
     schedule: str = "discrete"
     # Long prompts in 75-token windows (None: only when a prompt uses weighting syntax), see ldm.prompts.
     chunking: bool | None = None
+    # Decode in tiles of this many pixels (None: the whole image at once), see ldm.modules.tiling.
+    vae_tile: int | None = None
+    # One full UNet call every `reuse_interval` calls, deep features reused between (<= 1: off), see
+    # ldm.feature_reuse.
+    reuse_interval: int = 0
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -138,27 +145,47 @@ def batch_place(s: SampleSettings, it: int, b: int, n_batches: int) -> str:
 
 def nan_hint(s: SampleSettings, runtime: Runtime) -> str:
     """What to try when a batch goes NaN/inf: fp16 overflow first, then the settings that can blow up."""
-    if runtime.autocast_dtype is not None:
-        return "fp16 overflowed: try --precision full"
+    if runtime.reduced_precision:
+        return f"{str(runtime.arithmetic_dtype).removeprefix('torch.')} overflowed: try --precision full"
     return (
         f"try a smaller --scale than {s.scale:g}, another sampler or step count than {s.sampler} at {s.steps}, "
         "or check that the checkpoint holds no NaN/inf weights"
     )
 
 
-def decode(model, latents: torch.Tensor, runtime: Runtime, where: str, hint: str) -> torch.Tensor:
-    """Latents to pixels, both checked for NaN/inf. Under reduced-precision autocast the SD VAE can overflow
-    where float32 does not; then the decode is redone in float32 (a warning says so) before giving up."""
+def decode(
+    model, latents: torch.Tensor, runtime: Runtime, where: str, hint: str, tile: int | None = None
+) -> torch.Tensor:
+    """Latents to pixels, both checked for NaN/inf. In reduced precision (autocast, fp16 weights) the SD VAE
+    can overflow where float32 does not; then the decode is redone in float32 (a warning says so, and the
+    VAE computes in float32 from then on) before giving up."""
     check_finite(latents, f"sampling produced NaN/inf latents ({where})", hint)
-    decoded = model.decode_first_stage(latents)
-    if runtime.autocast_dtype is not None and not torch.isfinite(decoded).all():
+    decoded = model.decode_first_stage(latents, tile=tile)
+    if runtime.reduced_precision and not torch.isfinite(decoded).all():
         warnings.warn(
-            f"the VAE overflowed in {runtime.autocast_dtype} ({where}); decoding again in float32", stacklevel=2
+            f"the VAE overflowed in {str(runtime.arithmetic_dtype).removeprefix('torch.')} ({where}); "
+            "decoding again in float32",
+            stacklevel=2,
         )
+        if compute_dtype(model.first_stage_model) != torch.float32:
+            compute_in(model.first_stage_model, torch.float32)
         with torch.autocast(runtime.device.type, enabled=False):
-            decoded = model.decode_first_stage(latents.float())
+            decoded = model.decode_first_stage(latents.float(), tile=tile)
     check_finite(decoded, f"decoding produced NaN/inf pixels ({where})", hint)
     return decoded
+
+
+def free_weights(model, module: torch.nn.Module) -> None:
+    """Drop `module`'s weights for good; pages of a memory-mapped checkpoint are given back too."""
+    weights_file = getattr(model, "weights_file", None)
+    if weights_file is not None:
+        for t in (*module.parameters(), *module.buffers()):
+            weights_file.release(t)
+    module.to("meta")
+
+
+def latent_tile(s: SampleSettings) -> int | None:
+    return None if s.vae_tile is None else max(1, s.vae_tile // s.factor)
 
 
 def prompt_batches(prompts: Sequence[str], batch_size: int) -> list[list[str]]:
@@ -202,12 +229,17 @@ def generate(
     runtime: Runtime,
     progress: bool = True,
     negative_prompt: str | Sequence[Sequence[str]] = "",
+    low_memory: bool = False,
 ) -> Iterator[BatchResult]:
     """Yield one decoded batch at a time: n_iter passes over `batches`.
 
     `negative_prompt` replaces the empty prompt of the unconditional branch: one for all, or per prompt
     in batches shaped like `batches`. A short last batch (prompts from a file not filling n_samples)
     samples as many images as it has prompts; the original crashed there.
+
+    `low_memory` frees each part of the model once this run is done with it, for good (the model cannot be
+    used afterwards): the VAE encoder at once, the text encoder after encoding every batch first, the UNet
+    before the last decode. The images are the same.
     """
     check_sampler(s.sampler, s.schedule)
     device = runtime.device
@@ -217,24 +249,38 @@ def generate(
     solver_noise = torch.Generator(device=device).manual_seed(s.seed)
     start_code = torch.randn((s.n_samples, *s.latent_shape), device=device) if s.fixed_code else None
     with runtime.autocast():
+        encoded = None
+        if low_memory:  # encoding draws no random numbers, so doing it first changes no image
+            free_weights(model, model.first_stage_model.encoder)
+            encoded = [
+                conditioning(model, p, _negatives_for(negative_prompt, b, len(p)), s) for b, p in enumerate(batches)
+            ]
+            free_weights(model, model.cond_stage_model)
         for it in range(s.n_iter):
             for b, prompts in enumerate(batches):
                 n = len(prompts)
-                cond, uncond = conditioning(model, prompts, _negatives_for(negative_prompt, b, n), s)
-                x_T = start_code[:n] if start_code is not None else torch.randn((n, *s.latent_shape), device=device)
-                if sampler is not None:
-                    latents = sampler.sample(
-                        s.steps,
-                        n,
-                        s.latent_shape,
-                        cond,
-                        eta=s.eta,
-                        unconditional_guidance_scale=s.scale,
-                        unconditional_conditioning=uncond,
-                        x_T=x_T,
-                        progress=progress,
-                    )
+                if encoded is not None:
+                    cond, uncond = encoded[b]
                 else:
-                    latents = solve(model, s, cond, uncond, x_T, solver_noise, progress)
-                decoded = decode(model, latents, runtime, batch_place(s, it, b, len(batches)), nan_hint(s, runtime))
+                    cond, uncond = conditioning(model, prompts, _negatives_for(negative_prompt, b, n), s)
+                x_T = start_code[:n] if start_code is not None else torch.randn((n, *s.latent_shape), device=device)
+                with reuse_features(model, s.reuse_interval):
+                    if sampler is not None:
+                        latents = sampler.sample(
+                            s.steps,
+                            n,
+                            s.latent_shape,
+                            cond,
+                            eta=s.eta,
+                            unconditional_guidance_scale=s.scale,
+                            unconditional_conditioning=uncond,
+                            x_T=x_T,
+                            progress=progress,
+                        )
+                    else:
+                        latents = solve(model, s, cond, uncond, x_T, solver_noise, progress)
+                if low_memory and it == s.n_iter - 1 and b == len(batches) - 1:
+                    free_weights(model, model.model)
+                where = batch_place(s, it, b, len(batches))
+                decoded = decode(model, latents, runtime, where, nan_hint(s, runtime), tile=latent_tile(s))
                 yield BatchResult(it, list(prompts), cond, uncond, x_T, latents, decoded)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ldm.feature_reuse import reuse_features
 from ldm.generate import (
     ORIGINAL_SAMPLERS,
     BatchResult,
@@ -32,6 +33,7 @@ from ldm.generate import (
     check_sampler,
     conditioning,
     decode,
+    latent_tile,
     nan_hint,
     run_solver,
     solver_sigmas,
@@ -147,38 +149,41 @@ def generate_img2img(
                 noise = torch.randn_like(z0)
                 if t_enc == 0:
                     latents = z0
-                elif s.sampler in ORIGINAL_SAMPLERS:
-                    sampler = ORIGINAL_SAMPLERS[s.sampler](sampling_model)
-                    x = noise if t_enc >= len(schedule.timesteps) else stochastic_encode(z0, schedule, t_enc, noise)
-                    latents = sampler.sample(
-                        s.steps,
-                        n,
-                        tuple(z0.shape[1:]),
-                        cond,
-                        eta=s.eta,
-                        unconditional_guidance_scale=s.scale,
-                        unconditional_conditioning=uncond,
-                        x_T=x,
-                        progress=progress,
-                        t_start=t_enc,
-                        mask=None if m is None else m[:n],
-                        x0=None if m is None else z0,
-                    )
                 else:
-                    latents = _solver_img2img(
-                        sampling_model,
-                        s,
-                        cond,
-                        uncond,
-                        z0,
-                        noise,
-                        t_enc,
-                        solver_noise,
-                        None if m is None else m[:n],
-                        progress,
-                    )
+                    with reuse_features(model, s.reuse_interval):
+                        if s.sampler in ORIGINAL_SAMPLERS:
+                            sampler = ORIGINAL_SAMPLERS[s.sampler](sampling_model)
+                            full = t_enc >= len(schedule.timesteps)
+                            x = noise if full else stochastic_encode(z0, schedule, t_enc, noise)
+                            latents = sampler.sample(
+                                s.steps,
+                                n,
+                                tuple(z0.shape[1:]),
+                                cond,
+                                eta=s.eta,
+                                unconditional_guidance_scale=s.scale,
+                                unconditional_conditioning=uncond,
+                                x_T=x,
+                                progress=progress,
+                                t_start=t_enc,
+                                mask=None if m is None else m[:n],
+                                x0=None if m is None else z0,
+                            )
+                        else:
+                            latents = _solver_img2img(
+                                sampling_model,
+                                s,
+                                cond,
+                                uncond,
+                                z0,
+                                noise,
+                                t_enc,
+                                solver_noise,
+                                None if m is None else m[:n],
+                                progress,
+                            )
                 where = batch_place(s, it, b, len(batches))
-                decoded = decode(model, latents, runtime, where, nan_hint(s, runtime))
+                decoded = decode(model, latents, runtime, where, nan_hint(s, runtime), tile=latent_tile(s))
                 if mask is not None:
                     keep = 1.0 - mask.to(decoded.device, decoded.dtype)
                     decoded = keep * init + (1.0 - keep) * decoded

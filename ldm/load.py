@@ -8,7 +8,7 @@ shape is an error that says what the file looks like, never a partially random m
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ldm.checkpoint_io import CheckpointError, read_state_dict
+from ldm.mapped_file import MappedFile
 from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS
+from ldm.modules.weight_cast import compute_in
 from ldm.runtime import Runtime
 from ldm.util import instantiate_from_config
 
@@ -109,9 +111,15 @@ def _restore_buffers(model: nn.Module, device: torch.device) -> None:
 
 
 def build_model(
-    model_config: Mapping[str, Any], sd: Mapping[str, torch.Tensor], runtime: Runtime
+    model_config: Mapping[str, Any],
+    sd: Mapping[str, torch.Tensor],
+    runtime: Runtime,
+    release: Callable[[torch.Tensor], object] | None = None,
 ) -> tuple[nn.Module, LoadReport]:
-    """Instantiate `model_config` and fill it from `sd`, cast to the runtime's weight dtype, on its device."""
+    """Instantiate `model_config` and fill it from `sd`, cast to the runtime's weight dtype, on its device.
+
+    `release(source)` is called for each file tensor that had to be copied (another dtype or device, or
+    unaligned), right after its copy, so a memory-mapped file's pages can be given back as loading goes."""
     with torch.device("meta"):
         model = instantiate_from_config(model_config)
     report = check_layout(model, sd)
@@ -120,19 +128,23 @@ def build_model(
     for key, ref in expected.items():
         if key not in sd:
             continue
-        t = sd[key]
+        source = sd[key]
         dtype = runtime.weight_dtype if ref.is_floating_point() and key not in OPTIONAL_KEYS else ref.dtype
-        t = t.to(device=runtime.device, dtype=dtype)
+        t = source.to(device=runtime.device, dtype=dtype)
         if t.device.type == "cpu" and t.data_ptr() % ALIGNMENT:
             # A view into a memory-mapped .safetensors file sits wherever its header put it; CPU kernels take
             # other vector paths on unaligned data and round differently, so the same weights would not give
             # the same image as from a .ckpt. One aligned copy keeps results independent of the file format.
             t = t.clone()
+        if release is not None and t.data_ptr() != source.data_ptr():
+            release(source)
         tensors[key] = t
     model.load_state_dict(tensors, strict=False, assign=True)
     _restore_buffers(model, runtime.device)
     model.to(runtime.device)
     model.eval().requires_grad_(False)
+    if runtime.casts_weights:
+        compute_in(model, runtime.compute_dtype)
     return model, report
 
 
@@ -144,7 +156,10 @@ def load_model(
     if verbose:
         step = info.get("global_step")
         print(f"Loading model from {ckpt}" + (f" (global step {step})" if step is not None else ""))
-    model, report = build_model(config["model"], sd, runtime)
+    weights_file = MappedFile(ckpt)
+    model, report = build_model(config["model"], sd, runtime, release=weights_file.release)
+    del sd  # the file's mapping goes with the last view into it
+    model.weights_file = weights_file  # so weights freed later can give their pages back (generate.free_weights)
     report.global_step = info.get("global_step")
     if verbose:
         print(

@@ -88,7 +88,11 @@ class Pipeline:
         width: int | None = None,
         karras: bool = False,
         eta: float = 0.0,
+        deepcache: int = 0,
+        vae_tile: int | None = None,
     ) -> list[Image.Image]:
+        """`deepcache=N` runs the full UNet every N-th call only (ldm.feature_reuse); `vae_tile` decodes in tiles
+        of that many pixels (ldm.modules.tiling). Both save time or memory and change the pixels a little."""
         s = self.settings(
             steps=steps,
             sampler=sampler,
@@ -99,6 +103,8 @@ class Pipeline:
             seed=seed,
             eta=eta,
             schedule="karras" if karras else "discrete",
+            reuse_interval=deepcache,
+            vae_tile=vae_tile,
         )
         (batch,) = generate(
             self.model, [n * [prompt]], s, self.runtime, progress=False, negative_prompt=negative_prompt
@@ -122,6 +128,8 @@ class Pipeline:
         scale: float | None = None,
         karras: bool = False,
         eta: float = 0.0,
+        deepcache: int = 0,
+        vae_tile: int | None = None,
     ) -> list[Image.Image]:
         """Variations of `image` (cut to multiples of 32 pixels); with `mask` (white = repaint), inpainting."""
         rgb = load_image_array(image, MULTIPLE)
@@ -137,6 +145,8 @@ class Pipeline:
             seed=seed,
             eta=eta,
             schedule="karras" if karras else "discrete",
+            reuse_interval=deepcache,
+            vae_tile=vae_tile,
         )
         (batch,) = generate_img2img(
             self.model,

@@ -1,11 +1,20 @@
 """The one place that decides device and precision, from the config's `runtime:` section and CLI flags.
 
 Model code never calls `.cuda()` or picks dtypes; scripts ask for a `Runtime` and pass it along.
+
+Precisions:
+- `full`: float32 weights and arithmetic (the original's `--precision full`).
+- `autocast`: the original's default: float32 weights, fp16 autocast on CUDA; on a CPU it changes nothing.
+- `bf16` / `fp16`: 16-bit weights (half the memory). Arithmetic runs in that dtype where the hardware has
+  it (CUDA; bf16 on CPUs with AVX512-BF16 or AMX); elsewhere each layer computes in float32 from its 16-bit
+  weights, so memory halves while speed stays float32's (16-bit math without hardware support is many
+  times slower than float32 on a CPU).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -13,7 +22,8 @@ from typing import Any
 
 import torch
 
-PRECISIONS = ("full", "autocast")
+PRECISIONS = ("full", "autocast", "bf16", "fp16")
+_HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class RuntimeChoiceError(ValueError):
@@ -25,6 +35,8 @@ class Runtime:
     device: torch.device
     precision: str = "full"
     weight_dtype: torch.dtype = torch.float32
+    # The dtype layers compute in; None: their weights' dtype.
+    compute_dtype: torch.dtype | None = None
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -33,17 +45,44 @@ class Runtime:
             return torch.float16
         return None
 
+    @property
+    def reduced_precision(self) -> bool:
+        """Whether any arithmetic runs below float32 (so fp16/bf16 overflow is possible)."""
+        return self.autocast_dtype is not None or self.arithmetic_dtype != torch.float32
+
+    @property
+    def arithmetic_dtype(self) -> torch.dtype:
+        return self.autocast_dtype or self.compute_dtype or self.weight_dtype
+
+    @property
+    def casts_weights(self) -> bool:
+        """True when layers keep 16-bit weights but compute in another dtype (float32)."""
+        return self.compute_dtype is not None and self.compute_dtype != self.weight_dtype
+
     def autocast(self) -> contextlib.AbstractContextManager:
         dtype = self.autocast_dtype
         return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
     def describe(self) -> str:
-        compute = self.autocast_dtype or self.weight_dtype
-        return f"{self.device.type}, weights {_name(self.weight_dtype)}, compute {_name(compute)}"
+        text = f"{self.device.type}, weights {_name(self.weight_dtype)}, compute {_name(self.arithmetic_dtype)}"
+        if self.casts_weights and self.device.type == "cpu":
+            text += f" (this CPU has no fast {_name(self.weight_dtype)} arithmetic)"
+        return text
 
 
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """AVX512-BF16 or AMX-BF16: the CPU instructions that make bf16 matmuls and convolutions fast."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_runtime(
@@ -68,4 +107,9 @@ def resolve_runtime(
             stacklevel=2,
         )
         dev = torch.device("cpu")
-    return Runtime(device=dev, precision=precision)
+    if precision not in _HALF:
+        return Runtime(device=dev, precision=precision)
+    weights = _HALF[precision]
+    native = dev.type != "cpu" or (weights == torch.bfloat16 and cpu_has_bf16())
+    compute = None if native else torch.float32
+    return Runtime(device=dev, precision=precision, weight_dtype=weights, compute_dtype=compute)

@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT))
 
+from ldm.feature_reuse import FeatureReuse  # noqa: E402
 from ldm.load import OPTIONAL_KEYS, build_model, load_config  # noqa: E402
 from ldm.runtime import Runtime  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
@@ -58,13 +59,17 @@ PROMPTS = ["a photograph of an astronaut riding a horse", ""]  # cond + uncond, 
 TIMESTEP = 500
 GIB = 1024**3
 
-# name -> (weight dtype, autocast dtype or None)
-PRECISIONS: dict[str, tuple[torch.dtype, torch.dtype | None]] = {
-    "fp32": (torch.float32, None),
-    "bf16": (torch.bfloat16, None),
-    "fp16": (torch.float16, None),
-    "bf16-autocast": (torch.float32, torch.bfloat16),
-    "fp16-autocast": (torch.float32, torch.float16),
+# name -> (weight dtype, autocast dtype or None, compute dtype or None: layers compute in it from their weights)
+PRECISIONS: dict[str, tuple[torch.dtype, torch.dtype | None, torch.dtype | None]] = {
+    "fp32": (torch.float32, None, None),
+    "bf16": (torch.bfloat16, None, None),
+    "fp16": (torch.float16, None, None),
+    "bf16-autocast": (torch.float32, torch.bfloat16, None),
+    "fp16-autocast": (torch.float32, torch.float16, None),
+    # 16-bit weights, float32 arithmetic: ours via ldm.modules.weight_cast (what --precision bf16 does on a
+    # CPU without bf16 instructions), diffusers via enable_layerwise_casting
+    "bf16-weights": (torch.bfloat16, None, torch.float32),
+    "fp16-weights": (torch.float16, None, torch.float32),
 }
 
 
@@ -423,14 +428,19 @@ class Context:
 
 def run_precision(precision: str, c: Context) -> list[Row]:
     """Build ours (and theirs on the same tensors), time every row, then free both before the next precision."""
-    weight_dtype, _ = PRECISIONS[precision]
+    weight_dtype, _, compute = PRECISIONS[precision]
     source = f"--ckpt {c.args.ckpt}" if c.args.ckpt else f"random weights, seed {c.args.seed}"
+    runtime = Runtime(device=c.device, weight_dtype=weight_dtype, compute_dtype=compute)
     with phase(c.phases, f"{precision}: build ours ({source})", c.memory):
-        ours = build_ours(c.config, c.args, Runtime(device=c.device, weight_dtype=weight_dtype))
+        ours = build_ours(c.config, c.args, runtime)
     theirs = None
     if c.args.vs == "diffusers":
         with phase(c.phases, f"{precision}: build diffusers (same tensors, shared)", c.memory):
             theirs = build_theirs(ours, c.config)
+            if compute is not None:
+                for module in (theirs.unet, theirs.vae):
+                    module.enable_layerwise_casting(storage_dtype=weight_dtype, compute_dtype=compute)
+                theirs.text = None  # transformers' CLIPTextModel has no layerwise casting
     rows = time_rows(precision, ours, theirs, c)
     del ours, theirs
     with phase(c.phases, f"{precision}: models freed", c.memory):
@@ -439,7 +449,8 @@ def run_precision(precision: str, c: Context) -> list[Row]:
 
 
 def time_rows(precision: str, ours: nn.Module, theirs: Theirs | None, c: Context) -> list[Row]:
-    weight_dtype, autocast_dtype = PRECISIONS[precision]
+    weight_dtype, autocast_dtype, compute = PRECISIONS[precision]
+    input_dtype = compute or weight_dtype
     device, args = c.device, c.args
 
     def call(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
@@ -489,15 +500,15 @@ def time_rows(precision: str, ours: nn.Module, theirs: Theirs | None, c: Context
             "text encode (batch 2)",
             "text",
             lambda: ours.get_learned_conditioning(PROMPTS),
-            (lambda: theirs.text(input_ids=tokens).last_hidden_state) if theirs else None,
-            note=f"{theirs.attn_note}; ours includes tokenizing" if theirs else "",
+            (lambda: theirs.text(input_ids=tokens).last_hidden_state) if theirs and theirs.text else None,
+            note=f"{theirs.attn_note}; ours includes tokenizing" if theirs and theirs.text else "",
         )
     for size in args.sizes:
         h, w = size[0] // 8, size[1] // 8
         if "unet" in args.rows:
             x1 = torch.randn(1, channels, h, w, generator=g)
-            x = torch.cat([x1, x1]).to(device=device, dtype=weight_dtype)  # the same latents for cond and uncond
-            ctx = torch.randn(2, 77, context_dim, generator=g).to(device=device, dtype=weight_dtype)
+            x = torch.cat([x1, x1]).to(device=device, dtype=input_dtype)  # the same latents for cond and uncond
+            ctx = torch.randn(2, 77, context_dim, generator=g).to(device=device, dtype=input_dtype)
             t = torch.full((2,), TIMESTEP, dtype=torch.int64, device=device)
             add(
                 f"UNet {size_name(size)}, guidance (batch 2)",
@@ -507,9 +518,25 @@ def time_rows(precision: str, ours: nn.Module, theirs: Theirs | None, c: Context
                 if theirs
                 else None,
             )
+        if "reuse" in args.rows:
+            x1 = torch.randn(1, channels, h, w, generator=g)
+            x = torch.cat([x1, x1]).to(device=device, dtype=input_dtype)
+            ctx = torch.randn(2, 77, context_dim, generator=g).to(device=device, dtype=input_dtype)
+            t = torch.full((2,), TIMESTEP, dtype=torch.int64, device=device)
+            unet = ours.model.diffusion_model
+            # The row's warm-up call runs in full and keeps the deep feature; every timed call is then shallow.
+            unet.feature_reuse = FeatureReuse(interval=2**62)
+            add(
+                f"UNet {size_name(size)}, shallow call of --deepcache (batch 2)",
+                f"reuse{size}",
+                lambda x=x, t=t, ctx=ctx: ours.apply_model(x, t, ctx),
+                None,
+                note="ours only: the outer blocks on the deep feature kept from a full call",
+            )
+            unet.feature_reuse = None
         if "vae" in args.rows:
             # Latents as a sampler hands them over (unit scale), divided by the scale factor as decoding does.
-            z = (torch.randn(1, channels, h, w, generator=g) / params["scale_factor"]).to(device, weight_dtype)
+            z = (torch.randn(1, channels, h, w, generator=g) / params["scale_factor"]).to(device, input_dtype)
             add(
                 f"VAE decode {size_name(size)} (batch 1)",
                 f"vae{size}",
@@ -671,7 +698,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="also run each reduced precision as float32 weights under torch.autocast to it",
     )
-    p.add_argument("--rows", default="text,unet,vae", help="which rows: text, unet, vae (default all)")
+    p.add_argument(
+        "--rows",
+        default="text,unet,vae",
+        help="which rows: text, unet, vae, reuse (a --deepcache shallow UNet call) (default text,unet,vae)",
+    )
     p.add_argument("--vs", choices=("none", "diffusers"), default="none", help="compare with diffusers in-process")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per row after one warm-up (default 3)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: every core this process may use)")
@@ -693,7 +724,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         precisions.insert(0, "fp32")
     args.precisions = list(dict.fromkeys(precisions))
     args.rows = {r.strip() for r in args.rows.split(",") if r.strip()}
-    if not args.rows or args.rows - {"text", "unet", "vae"}:
+    if not args.rows or args.rows - {"text", "unet", "vae", "reuse"}:
         p.error("--rows: choose from text, unet, vae")
     if args.repeats < 1:
         p.error("--repeats must be at least 1")

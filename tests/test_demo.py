@@ -71,3 +71,10 @@ def test_every_sampler_follows_prompts(demo, classifier, sampler):
     model, runtime, scale = demo
     samples = sample_digits(model, runtime, sampler=sampler, steps=20, scale=scale, per_digit=3, seed=1)
     assert adherence(classifier, samples) >= 0.9
+
+
+def test_prompt_adherence_with_feature_reuse(demo, classifier):
+    """--deepcache 3 (7 full UNet calls of 20) still draws the prompted digits."""
+    model, runtime, scale = demo
+    samples = sample_digits(model, runtime, sampler="dpmpp_2m", steps=20, scale=scale, per_digit=5, reuse_interval=3)
+    assert adherence(classifier, samples) >= 0.9

@@ -41,6 +41,7 @@ from ldm.samplers.testbed import (
     SIGMA_MIN,
     GaussianMixtureTestbed,
     GaussianTestbed,
+    GuidedGaussianTestbed,
     convergence,
     discrete,
     final_step_floor,
@@ -462,3 +463,54 @@ def test_mixture_sample_moments():
         mean, cov = _mixture_moments(bed, sigma)
         assert (xs.mean(0) - mean).norm() < 0.01
         assert (torch.cov(xs.T) - cov).norm() / cov.norm() < 0.02
+
+
+# ----------------------------------------------------------------------------------------- guided bed
+
+
+def _rk4_log_sigma(denoiser, x: Tensor, s0: float, s1: float, steps: int) -> Tensor:
+    ts = torch.linspace(math.log(s0), math.log(s1), steps + 1, dtype=DTYPE).tolist()
+
+    def f(x, t):  # dx / dlog(sigma) = x - D
+        return x - denoiser(x, torch.tensor(math.exp(t), dtype=DTYPE))
+
+    for a, b in zip(ts[:-1], ts[1:], strict=True):
+        h = b - a
+        k1 = f(x, a)
+        k2 = f(x + h / 2 * k1, a + h / 2)
+        k3 = f(x + h / 2 * k2, a + h / 2)
+        x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + f(x + h * k3, b))
+    return x
+
+
+def test_guided_flow_is_exact():
+    """The closed form (plus quadrature) against a fine RK4 solve of dx/dsigma = (x - D) / sigma with the
+    guided denoiser, to sigma_min and across an inner interval; at scale 1 it is the conditional Gaussian's
+    own closed-form flow."""
+    bed = GuidedGaussianTestbed.image_like(seed=0)
+    x = bed.sample(8, SIGMA_MAX, torch.Generator().manual_seed(0))
+    for s0, s1 in ((SIGMA_MAX, SIGMA_MIN), (2.0, 0.05)):
+        exact = bed.flow(x, s0, s1)
+        torch.testing.assert_close(_rk4_log_sigma(bed.denoiser, x, s0, s1, 4000), exact, rtol=0, atol=1e-8)
+    cond = GuidedGaussianTestbed(bed.q, bed.lu, bed.lc, bed.mu, bed.mc, scale=1.0)
+    plain = GaussianTestbed(bed.mc @ bed.q.T, bed.lc, bed.q)
+    torch.testing.assert_close(cond.flow(x, SIGMA_MAX, 0.0), plain.flow(x, SIGMA_MAX, 0.0), rtol=0, atol=1e-10)
+    torch.testing.assert_close(cond.denoiser(x, torch.tensor(0.3)), plain.denoiser(x, torch.tensor(0.3)))
+
+
+def test_dpmpp_2m_at_20_vs_original_plms_at_50_under_guidance():
+    """SD samples with guidance 7.5. On the guided bed (five seeds, 64 start points each), at sigma = 0:
+    2M@20 on Karras sigmas is about as accurate as the original PLMS@50 but never better (measured RMS
+    ratios 2M/PLMS 1.00, 1.00, 1.07, 1.03, 1.57 rounded, seeds 0-4); UniPC@20 on Karras sigmas beats the
+    original PLMS@50 on every seed (ratios 0.67-0.89); both beat DDIM@50. See docs/samplers.md."""
+    for seed in range(5):
+        bed = GuidedGaussianTestbed.image_like(seed=seed)
+        s0 = sd_sigma_at(int(ddim_timesteps(50)[-1]))
+        x = bed.sample(64, s0, torch.Generator().manual_seed(0))
+        plms = (original_plms(bed, x, 50).double() - bed.flow(x, s0, 0.0)).pow(2).sum(-1).mean().sqrt().item()
+        dpmpp = ode_error("dpmpp_2m", karras(20), bed=bed, n=64)
+        unipc = ode_error("unipc", karras(20), bed=bed, n=64)
+        ddim = ode_error("ddim", discrete(50), bed=bed, n=64)
+        assert dpmpp < ddim and unipc < ddim
+        assert 0.95 < dpmpp / plms < 2.0, (seed, dpmpp, plms)  # the documented finding: 2M@20 does not win
+        assert unipc < 0.95 * plms, (seed, unipc, plms)

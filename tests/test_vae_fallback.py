@@ -27,8 +27,8 @@ class ReducedPrecisionRuntime(Runtime):
 def overflowing_when_autocast(model, always=False):
     real = model.decode_first_stage
 
-    def decode(z):
-        out = real(z)
+    def decode(z, **kwargs):
+        out = real(z, **kwargs)
         if always or torch.is_autocast_enabled("cpu"):
             return out + float("inf")
         return out

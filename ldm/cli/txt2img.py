@@ -100,6 +100,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", type=str, default=None, help="cpu, cuda, cuda:N or auto (default: the config's)")
     p.add_argument(
+        "--vae_tile",
+        type=int,
+        default=None,
+        help="decode the image in overlapping tiles of this many pixels (e.g. 512) to bound the VAE's memory; "
+        "for large images (changes pixels slightly at the tile seams)",
+    )
+    p.add_argument(
+        "--low_memory",
+        action="store_true",
+        help="free each part of the model once the run is done with it: the VAE encoder at once, the text "
+        "encoder after encoding every prompt first, the UNet before the last decode; the images are unchanged",
+    )
+    p.add_argument(
+        "--deepcache",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run the full UNet only every N-th call and reuse its deep features in between (DeepCache; "
+        "about N times fewer full calls, changes the image a little; try 3)",
+    )
+    p.add_argument(
         "--no-watermark",
         dest="watermark",
         action="store_false",
@@ -224,6 +245,10 @@ def validate(opt: argparse.Namespace) -> None:
         raise UsageError(f"--C must be at least 1, got {opt.C}")
     if not SEED_RANGE[0] <= opt.seed <= SEED_RANGE[1]:
         raise UsageError(f"--seed {opt.seed} is out of range (use 0 to {SEED_RANGE[1]})")
+    if opt.vae_tile is not None and (opt.vae_tile < 8 * opt.f or opt.vae_tile % opt.f):
+        raise UsageError(f"--vae_tile must be a multiple of --f {opt.f} and at least {8 * opt.f} pixels (e.g. 512)")
+    if opt.deepcache < 0:
+        raise UsageError(f"--deepcache must be 0 (off) or a number of UNet calls >= 1, got {opt.deepcache}")
     if sampler_name(opt) == "plms" and opt.ddim_eta != 0:
         raise UsageError("PLMS needs --ddim_eta 0 (it is deterministic); use DDIM for eta > 0")
     if not os.path.isfile(opt.config):
@@ -260,7 +285,7 @@ def check_fits(opt: argparse.Namespace, config, runtime, ckpt: str) -> None:
         vae_channels=vae,
         text_channels=text,
         weight_bytes=weight_bytes,
-        dtype_bytes=2 if runtime.autocast_dtype == torch.float16 else 4,
+        dtype_bytes=runtime.arithmetic_dtype.itemsize,
     )
     have, what = available_memory(runtime.device)
     if have is not None and need > have:
@@ -321,6 +346,8 @@ def settings_from(opt: argparse.Namespace) -> SampleSettings:
         seed=opt.seed,
         fixed_code=opt.fixed_code,
         chunking=True if opt.long_prompts else None,
+        vae_tile=opt.vae_tile,
+        reuse_interval=opt.deepcache,
     )
 
 
@@ -353,6 +380,10 @@ def infotext_fields(settings: SampleSettings, ckpt: str) -> dict[str, object]:
     }
     if settings.sampler == "ddim" and settings.eta:
         fields["Eta"] = settings.eta
+    if settings.reuse_interval > 1:
+        fields["DeepCache interval"] = settings.reuse_interval
+    if settings.vae_tile is not None:
+        fields["VAE tile"] = settings.vae_tile
     return fields
 
 
@@ -401,7 +432,15 @@ def run(opt: argparse.Namespace) -> list[str]:
     batches, negatives = split_negatives(read_batches(opt), opt.negative_prompt)
     settings = settings_from(opt)
     model, writer = load_for_run(opt, config, runtime, ckpt, batches, settings)
-    runs = generate(model, batches, settings, runtime, progress=not opt.quiet, negative_prompt=negatives)
+    runs = generate(
+        model,
+        batches,
+        settings,
+        runtime,
+        progress=not opt.quiet,
+        negative_prompt=negatives,
+        low_memory=opt.low_memory,
+    )
     return save_runs(opt, runs, writer, infotext_fields(settings, ckpt), negatives)
 
 

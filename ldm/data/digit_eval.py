@@ -53,6 +53,7 @@ def sample_digits(
     unconditional: bool = False,
     size: int = 32,
     factor: int = 4,
+    reuse_interval: int = 0,
 ) -> Samples:
     """`per_digit` samples for each of the ten digits in one batch (or 10 * per_digit for the empty prompt)."""
     if unconditional:
@@ -72,6 +73,7 @@ def sample_digits(
         n_iter=1,
         seed=seed,
         schedule=schedule,
+        reuse_interval=reuse_interval,
     )
     (batch,) = generate(model, [prompts], settings, runtime, progress=False)
     return Samples(prompts, intended, batch.decoded.float().clamp(-1, 1).cpu())

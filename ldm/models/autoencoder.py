@@ -10,6 +10,7 @@ from torch import nn
 
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions import DiagonalGaussianDistribution
+from ldm.modules.weight_cast import compute_dtype
 
 
 class AutoencoderKL(nn.Module):
@@ -32,10 +33,12 @@ class AutoencoderKL(nn.Module):
         self.embed_dim = embed_dim
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
-        return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
+        """Pixels in [-1, 1] to the latent posterior, whose parameters are float32 whatever the weights."""
+        moments = self.quant_conv(self.encoder(x.to(compute_dtype(self))))
+        return DiagonalGaussianDistribution(moments.float() if moments.dtype != torch.float32 else moments)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(z))
+        return self.decoder(self.post_quant_conv(z.to(compute_dtype(self))))
 
     def forward(
         self, x: torch.Tensor, sample_posterior: bool = True

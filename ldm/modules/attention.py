@@ -17,7 +17,11 @@ class GEGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, gate = self.proj(x).chunk(2, dim=-1)
-        return x * F.gelu(gate)
+        if torch.is_grad_enabled():
+            return x * F.gelu(gate)
+        # Outside autograd, into gelu's fresh (contiguous, as the product would be) output: the same values,
+        # and at 512 pixels one 170 MB tensor less at the UNet's peak.
+        return F.gelu(gate).mul_(x)
 
 
 class FeedForward(nn.Module):

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ldm.modules.distributions import DiagonalGaussianDistribution
+from ldm.modules.tiling import decode_tiled
 from ldm.util import instantiate_from_config
 
 SCHEDULE_BUFFERS = (
@@ -144,5 +145,9 @@ class LatentDiffusion(nn.Module):
     ) -> torch.Tensor:
         return self.scale_factor * posterior.sample(generator)
 
-    def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
-        return self.first_stage_model.decode(1.0 / self.scale_factor * z)
+    def decode_first_stage(self, z: torch.Tensor, tile: int | None = None) -> torch.Tensor:
+        """Latents to pixels; `tile` (in latents) decodes in overlapping tiles to bound memory."""
+        z = 1.0 / self.scale_factor * z
+        if tile is None:
+            return self.first_stage_model.decode(z)
+        return decode_tiled(self.first_stage_model.decode, z, tile)

@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.feature_reuse import FeatureReuse
 from ldm.modules.attention import SpatialTransformer
+from ldm.modules.weight_cast import compute_dtype
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -189,16 +191,30 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(model_channels, out_channels, 3, padding=1))
+        self.feature_reuse: FeatureReuse | None = None  # set by ldm.feature_reuse.reuse_features
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(self.time_embed[0].weight.dtype))
-        h = x.to(self.time_embed[0].weight.dtype)
+        dtype = compute_dtype(self)
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))
+        h = x.to(dtype)
+        reuse = self.feature_reuse
+        full = reuse is None or reuse.next_is_full(h)
+        # A shallow call (feature reuse, see ldm.feature_reuse) runs only the outer `kept` blocks of each half.
+        kept = len(self.output_blocks) if full else reuse.depth + 1
         skips = []
-        for block in self.input_blocks:
+        for block in self.input_blocks[: len(self.input_blocks) if full else kept]:
             h = block(h, emb, context)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
-        for block in self.output_blocks:
+        if full:
+            h = self.middle_block(h, emb, context)
+        for i, block in enumerate(self.output_blocks):
+            if i < len(self.output_blocks) - kept:
+                continue
+            if reuse is not None and i == len(self.output_blocks) - reuse.depth - 1:
+                if full:
+                    reuse.cached = h
+                else:
+                    h = reuse.cached
             h = torch.cat([h, skips.pop()], dim=1)
             h = block(h, emb, context, out_size=skips[-1].shape[-2:] if skips else None)
         return self.out(h).type(x.dtype)
