@@ -29,12 +29,16 @@ CONFIG = os.path.join(REPO, "configs", "demo", "digits.yaml")
 MARKER = "<!-- digits demo: written by scripts/digits_eval.py -->"
 
 
-def build(per_digit: int, steps: int, seed: int) -> str:
+def load_demo():
+    """(model, runtime, guidance scale, classifier) of the committed digits demo."""
     config = load_config(CONFIG)
     runtime = resolve_runtime(config)
     model = load_model(config, os.path.join(REPO, config.txt2img.ckpt), runtime, verbose=False)
-    scale = float(config.txt2img.scale)
-    classifier = fit_classifier()
+    return model, runtime, float(config.txt2img.scale), fit_classifier()
+
+
+def build(per_digit: int, steps: int, seed: int) -> str:
+    model, runtime, scale, classifier = load_demo()
     rows = []
     for name in SAMPLER_NAMES:
         schedules = ["discrete", "karras"] if name in SOLVERS else ["discrete"]
@@ -71,11 +75,7 @@ def build(per_digit: int, steps: int, seed: int) -> str:
 
 def deepcache_table(per_digit: int, steps: int, seed: int) -> str:
     """Prompt adherence and change of the pixels against full UNet calls, for --deepcache intervals."""
-    config = load_config(CONFIG)
-    runtime = resolve_runtime(config)
-    model = load_model(config, os.path.join(REPO, config.txt2img.ckpt), runtime, verbose=False)
-    scale = float(config.txt2img.scale)
-    classifier = fit_classifier()
+    model, runtime, scale, classifier = load_demo()
     rows, full = [], None
     for interval in (1, 2, 3, 4, 5):
         t0 = time.time()

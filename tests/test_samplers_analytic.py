@@ -49,6 +49,7 @@ from ldm.samplers.testbed import (
     karras,
     ode_error,
     original_plms,
+    rk4_flow,
     sd_sigma_at,
     sde_moments,
 )
@@ -468,21 +469,6 @@ def test_mixture_sample_moments():
 # ----------------------------------------------------------------------------------------- guided bed
 
 
-def _rk4_log_sigma(denoiser, x: Tensor, s0: float, s1: float, steps: int) -> Tensor:
-    ts = torch.linspace(math.log(s0), math.log(s1), steps + 1, dtype=DTYPE).tolist()
-
-    def f(x, t):  # dx / dlog(sigma) = x - D
-        return x - denoiser(x, torch.tensor(math.exp(t), dtype=DTYPE))
-
-    for a, b in zip(ts[:-1], ts[1:], strict=True):
-        h = b - a
-        k1 = f(x, a)
-        k2 = f(x + h / 2 * k1, a + h / 2)
-        k3 = f(x + h / 2 * k2, a + h / 2)
-        x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + f(x + h * k3, b))
-    return x
-
-
 def test_guided_flow_is_exact():
     """The closed form (plus quadrature) against a fine RK4 solve of dx/dsigma = (x - D) / sigma with the
     guided denoiser, to sigma_min and across an inner interval; at scale 1 it is the conditional Gaussian's
@@ -491,7 +477,7 @@ def test_guided_flow_is_exact():
     x = bed.sample(8, SIGMA_MAX, torch.Generator().manual_seed(0))
     for s0, s1 in ((SIGMA_MAX, SIGMA_MIN), (2.0, 0.05)):
         exact = bed.flow(x, s0, s1)
-        torch.testing.assert_close(_rk4_log_sigma(bed.denoiser, x, s0, s1, 4000), exact, rtol=0, atol=1e-8)
+        torch.testing.assert_close(rk4_flow(bed.denoiser, x, s0, s1, 4000), exact, rtol=0, atol=1e-8)
     cond = GuidedGaussianTestbed(bed.q, bed.lu, bed.lc, bed.mu, bed.mc, scale=1.0)
     plain = GaussianTestbed(bed.mc @ bed.q.T, bed.lc, bed.q)
     torch.testing.assert_close(cond.flow(x, SIGMA_MAX, 0.0), plain.flow(x, SIGMA_MAX, 0.0), rtol=0, atol=1e-10)
