@@ -18,9 +18,9 @@ from ldm.feature_reuse import reuse_features
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.models.diffusion.sampling_common import DiscreteSampler, guided_eps
-from ldm.modules.weight_cast import compute_dtype, compute_in
+from ldm.modules.weight_cast import compute_in
 from ldm.prompts import encode_pair, uses_custom_path
-from ldm.runtime import Runtime
+from ldm.runtime import Runtime, dtype_name
 from ldm.samplers.k_samplers import SAMPLERS as K_SAMPLERS
 from ldm.samplers.k_samplers import SamplerInfo, denoiser_from_eps
 from ldm.samplers.schedules import discrete_sigmas, karras_sigmas, sigmas_from_alphas_cumprod
@@ -146,7 +146,7 @@ def batch_place(s: SampleSettings, it: int, b: int, n_batches: int) -> str:
 def nan_hint(s: SampleSettings, runtime: Runtime) -> str:
     """What to try when a batch goes NaN/inf: fp16 overflow first, then the settings that can blow up."""
     if runtime.reduced_precision:
-        return f"{str(runtime.arithmetic_dtype).removeprefix('torch.')} overflowed: try --precision full"
+        return f"{dtype_name(runtime.arithmetic_dtype)} overflowed: try --precision full"
     return (
         f"try a smaller --scale than {s.scale:g}, another sampler or step count than {s.sampler} at {s.steps}, "
         "or check that the checkpoint holds no NaN/inf weights"
@@ -163,12 +163,11 @@ def decode(
     decoded = model.decode_first_stage(latents, tile=tile)
     if runtime.reduced_precision and not torch.isfinite(decoded).all():
         warnings.warn(
-            f"the VAE overflowed in {str(runtime.arithmetic_dtype).removeprefix('torch.')} ({where}); "
+            f"the VAE overflowed in {dtype_name(runtime.arithmetic_dtype)} ({where}); "
             "decoding again in float32",
             stacklevel=2,
         )
-        if compute_dtype(model.first_stage_model) != torch.float32:
-            compute_in(model.first_stage_model, torch.float32)
+        compute_in(model.first_stage_model, torch.float32)
         with torch.autocast(runtime.device.type, enabled=False):
             decoded = model.decode_first_stage(latents.float(), tile=tile)
     check_finite(decoded, f"decoding produced NaN/inf pixels ({where})", hint)

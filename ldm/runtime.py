@@ -48,7 +48,7 @@ class Runtime:
     @property
     def reduced_precision(self) -> bool:
         """Whether any arithmetic runs below float32 (so fp16/bf16 overflow is possible)."""
-        return self.autocast_dtype is not None or self.arithmetic_dtype != torch.float32
+        return self.arithmetic_dtype != torch.float32
 
     @property
     def arithmetic_dtype(self) -> torch.dtype:
@@ -64,13 +64,14 @@ class Runtime:
         return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
     def describe(self) -> str:
-        text = f"{self.device.type}, weights {_name(self.weight_dtype)}, compute {_name(self.arithmetic_dtype)}"
+        weights = dtype_name(self.weight_dtype)
+        text = f"{self.device.type}, weights {weights}, compute {dtype_name(self.arithmetic_dtype)}"
         if self.casts_weights and self.device.type == "cpu":
-            text += f" (this CPU has no fast {_name(self.weight_dtype)} arithmetic)"
+            text += f" (this CPU has no fast {weights} arithmetic)"
         return text
 
 
-def _name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 

@@ -35,7 +35,7 @@ class AutoencoderKL(nn.Module):
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         """Pixels in [-1, 1] to the latent posterior, whose parameters are float32 whatever the weights."""
         moments = self.quant_conv(self.encoder(x.to(compute_dtype(self))))
-        return DiagonalGaussianDistribution(moments.float() if moments.dtype != torch.float32 else moments)
+        return DiagonalGaussianDistribution(moments.float())
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(z.to(compute_dtype(self))))

@@ -199,22 +199,22 @@ class UNetModel(nn.Module):
         h = x.to(dtype)
         reuse = self.feature_reuse
         full = reuse is None or reuse.next_is_full(h)
-        # A shallow call (feature reuse, see ldm.feature_reuse) runs only the outer `kept` blocks of each half.
-        kept = len(self.output_blocks) if full else reuse.depth + 1
+        n = len(self.output_blocks)
+        # A shallow call (feature reuse, see ldm.feature_reuse) runs only the outer depth + 1 blocks of each half.
+        outer = len(self.input_blocks) if full else reuse.depth + 1
         skips = []
-        for block in self.input_blocks[: len(self.input_blocks) if full else kept]:
+        for block in self.input_blocks[:outer]:
             h = block(h, emb, context)
             skips.append(h)
         if full:
             h = self.middle_block(h, emb, context)
-        for i, block in enumerate(self.output_blocks):
-            if i < len(self.output_blocks) - kept:
-                continue
-            if reuse is not None and i == len(self.output_blocks) - reuse.depth - 1:
+        for i in range(n - len(skips), n):
+            if reuse is not None and i == n - 1 - reuse.depth:  # where the kept deep feature enters
                 if full:
                     reuse.cached = h
                 else:
                     h = reuse.cached
+            block = self.output_blocks[i]
             h = torch.cat([h, skips.pop()], dim=1)
             h = block(h, emb, context, out_size=skips[-1].shape[-2:] if skips else None)
         return self.out(h).type(x.dtype)
