@@ -96,11 +96,12 @@ def estimate_peak_bytes(
     text_channels: int = 768,
     weight_bytes: int = 0,
     dtype_bytes: int = 4,
+    vae_tile: int | None = None,
 ) -> int:
     """Peak memory of one txt2img batch, in bytes: the weights plus the largest of the phases' activations,
     which run one after another: the text encoder's (n_samples prompts of 77 tokens, twice with guidance),
     the UNet's (batch doubled by classifier-free guidance, at the latent size), the VAE decoder's (at pixel
-    size).
+    size, or of one `vae_tile`-pixel tile at a time plus the float32 image and blend weights it fills).
 
     A deliberately rough upper-side estimate (exact integers, so absurd sizes do not overflow): it exists
     to refuse sizes that cannot possibly fit, not to predict allocator behaviour.
@@ -108,7 +109,11 @@ def estimate_peak_bytes(
     tokens = (height // factor) * (width // factor)
     batch = n_samples * (2 if guidance else 1)
     unet = UNET_LIVE_TENSORS * batch * tokens * unet_channels * dtype_bytes
-    vae = VAE_LIVE_TENSORS * n_samples * height * width * vae_channels * dtype_bytes
+    if vae_tile is not None and (height > vae_tile or width > vae_tile):
+        tile_area = min(height, vae_tile) * min(width, vae_tile)
+        vae = VAE_LIVE_TENSORS * tile_area * vae_channels * dtype_bytes + n_samples * height * width * 4 * 4
+    else:
+        vae = VAE_LIVE_TENSORS * n_samples * height * width * vae_channels * dtype_bytes
     text = TEXT_LIVE_TENSORS * batch * CONTEXT_TOKENS * text_channels * dtype_bytes
     return weight_bytes + max(text, unet, vae)
 

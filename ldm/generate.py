@@ -6,6 +6,7 @@ an optional fixed start code, then per batch the start noise followed by the sam
 
 from __future__ import annotations
 
+import gc
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from tqdm import tqdm
 
 from ldm.checks import check_finite
 from ldm.feature_reuse import reuse_features
+from ldm.mapped_file import trim_heap
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.models.diffusion.sampling_common import DiscreteSampler, guided_eps
@@ -181,6 +183,8 @@ def free_weights(model, module: torch.nn.Module) -> None:
         for t in (*module.parameters(), *module.buffers()):
             weights_file.release(t)
     module.to("meta")
+    gc.collect()
+    trim_heap()
 
 
 def latent_tile(s: SampleSettings) -> int | None:

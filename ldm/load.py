@@ -131,6 +131,8 @@ def build_model(
         source = sd[key]
         dtype = runtime.weight_dtype if ref.is_floating_point() and key not in OPTIONAL_KEYS else ref.dtype
         t = source.to(device=runtime.device, dtype=dtype)
+        if t.dim() == 4:  # convolution weights: the layout decides the activations' (their copy, made here)
+            t = t.contiguous(memory_format=runtime.memory_format)
         if t.device.type == "cpu" and t.data_ptr() % ALIGNMENT:
             # A view into a memory-mapped .safetensors file sits wherever its header put it; CPU kernels take
             # other vector paths on unaligned data and round differently, so the same weights would not give

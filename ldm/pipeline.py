@@ -47,6 +47,7 @@ class Pipeline:
         device: str | None = None,
         precision: str | None = None,
         verbose: bool = False,
+        channels_last: bool | None = None,
     ) -> Pipeline:
         """Build the model of `config` from `ckpt` (default: the checkpoint its `txt2img:` section names)."""
         cfg = load_config(config)
@@ -55,7 +56,7 @@ class Pipeline:
             if "ckpt" not in defaults:
                 raise ValueError(f"{config} names no checkpoint (txt2img.ckpt): pass ckpt=PATH")
             ckpt = resolve_config_path(str(defaults["ckpt"]), config)
-        runtime = resolve_runtime(cfg, device, precision)
+        runtime = resolve_runtime(cfg, device, precision, channels_last)
         return cls(load_model(cfg, ckpt, runtime, verbose=verbose), runtime, defaults)
 
     def settings(self, **overrides: Any) -> SampleSettings:

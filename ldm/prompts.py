@@ -195,7 +195,7 @@ def encode_prompt(embedder: FrozenCLIPEmbedder, text: str, *, chunking: bool | N
         row_weights.append([1.0, *w] + [1.0] * (embedder.max_length - 1 - len(w)))
 
     input_ids = torch.tensor(rows, dtype=torch.long, device=_token_device(embedder))
-    z = embedder.transformer.text_model(input_ids=input_ids).last_hidden_state  # [k, L, C]
+    z = embedder.transformer.text_model(input_ids)  # [k, L, C]
     w_all = torch.tensor(row_weights, dtype=torch.float32, device=z.device)
     windows = []
     for k in range(count):

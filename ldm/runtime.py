@@ -37,6 +37,13 @@ class Runtime:
     weight_dtype: torch.dtype = torch.float32
     # The dtype layers compute in; None: their weights' dtype.
     compute_dtype: torch.dtype | None = None
+    # Convolution weights (and so activations) in NHWC order: faster oneDNN kernels on CPUs, tensor cores'
+    # layout on GPUs. Changes float32 results in the last bits (a different summation order), so opt-in.
+    channels_last: bool = False
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -68,6 +75,8 @@ class Runtime:
         text = f"{self.device.type}, weights {weights}, compute {dtype_name(self.arithmetic_dtype)}"
         if self.casts_weights and self.device.type == "cpu":
             text += f" (this CPU has no fast {weights} arithmetic)"
+        if self.channels_last:
+            text += ", channels last"
         return text
 
 
@@ -87,10 +96,15 @@ def cpu_has_bf16() -> bool:
 
 
 def resolve_runtime(
-    config: Mapping[str, Any] | None, device: str | None = None, precision: str | None = None
+    config: Mapping[str, Any] | None,
+    device: str | None = None,
+    precision: str | None = None,
+    channels_last: bool | None = None,
 ) -> Runtime:
     """Flags win over the config's `runtime:` section; `auto` means CUDA when present, else CPU."""
     section = dict((config or {}).get("runtime", None) or {})
+    if channels_last is None:
+        channels_last = bool(section.get("channels_last", False))
     device_name = device or section.get("device", "auto")
     precision = precision or section.get("precision", "autocast")
     if precision not in PRECISIONS:
@@ -109,8 +123,10 @@ def resolve_runtime(
         )
         dev = torch.device("cpu")
     if precision not in _HALF:
-        return Runtime(device=dev, precision=precision)
+        return Runtime(device=dev, precision=precision, channels_last=channels_last)
     weights = _HALF[precision]
     native = dev.type != "cpu" or (weights == torch.bfloat16 and cpu_has_bf16())
     compute = None if native else torch.float32
-    return Runtime(device=dev, precision=precision, weight_dtype=weights, compute_dtype=compute)
+    return Runtime(
+        device=dev, precision=precision, weight_dtype=weights, compute_dtype=compute, channels_last=channels_last
+    )

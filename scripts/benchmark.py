@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
-import ctypes
+import dataclasses
 import datetime
 import gc
 import hashlib
@@ -51,6 +50,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
 
 from ldm.feature_reuse import FeatureReuse  # noqa: E402
 from ldm.load import OPTIONAL_KEYS, build_model, load_config  # noqa: E402
+from ldm.mapped_file import trim_heap  # noqa: E402
 from ldm.runtime import Runtime  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 
@@ -167,7 +167,7 @@ def build_theirs(ours: nn.Module, config: Any) -> Theirs:
     par = parity_module()
     from diffusers import AutoencoderKL as DiffusersAutoencoderKL
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     unet_params = dict(config["model"]["params"]["unet_config"]["params"])
     cfg = {k: unet_params[k] for k in ("model_channels", "num_res_blocks", "transformer_depth")}
@@ -193,21 +193,13 @@ def build_theirs(ours: nn.Module, config: Any) -> Theirs:
     vae = _assign(lambda: DiffusersAutoencoderKL(**vae_config), vae_sd)
 
     # A diffusers pipeline loads transformers' CLIPTextModel with transformers' default attention (SDPA where
-    # available); ours runs the same class with eager attention. Same weights, built on the CPU (small).
+    # available); ours is plain PyTorch with the eager arithmetic. Same weights, built on the CPU (small).
     ours_text = ours.cond_stage_model.transformer.text_model
-    text_config = copy.deepcopy(ours_text.config)
-    text_config._attn_implementation = None
     with torch.device(ours_text.embeddings.token_embedding.weight.device):
-        text = CLIPTextModel(text_config)
+        text = CLIPTextModel(CLIPTextConfig(**dataclasses.asdict(ours_text.config)))
     text.load_state_dict(ours_text.state_dict(), strict=True, assign=True)
     text.eval().requires_grad_(False)
-    return Theirs(
-        unet,
-        vae,
-        text,
-        f"text encoder attention: ours {ours_text.config._attn_implementation}, "
-        f"theirs {text.config._attn_implementation}",
-    )
+    return Theirs(unet, vae, text, f"text encoder attention: ours eager, theirs {text.config._attn_implementation}")
 
 
 # ----------------------------------------------------------------------------- timing and memory
@@ -310,8 +302,7 @@ def release_freed_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    trim_heap()
 
 
 @dataclass
@@ -430,7 +421,11 @@ def run_precision(precision: str, c: Context) -> list[Row]:
     """Build ours (and theirs on the same tensors), time every row, then free both before the next precision."""
     weight_dtype, _, compute = PRECISIONS[precision]
     source = f"--ckpt {c.args.ckpt}" if c.args.ckpt else f"random weights, seed {c.args.seed}"
-    runtime = Runtime(device=c.device, weight_dtype=weight_dtype, compute_dtype=compute)
+    runtime = Runtime(
+        device=c.device, weight_dtype=weight_dtype, compute_dtype=compute, channels_last=c.args.channels_last
+    )
+    if c.args.channels_last:
+        source += ", channels last"
     with phase(c.phases, f"{precision}: build ours ({source})", c.memory):
         ours = build_ours(c.config, c.args, runtime)
     theirs = None
@@ -441,6 +436,9 @@ def run_precision(precision: str, c: Context) -> list[Row]:
                 for module in (theirs.unet, theirs.vae):
                     module.enable_layerwise_casting(storage_dtype=weight_dtype, compute_dtype=compute)
                 theirs.text = None  # transformers' CLIPTextModel has no layerwise casting
+            if c.args.channels_last:  # diffusers' documented speed-up, the same layout as ours
+                for module in (theirs.unet, theirs.vae):
+                    module.to(memory_format=torch.channels_last)
     rows = time_rows(precision, ours, theirs, c)
     del ours, theirs
     with phase(c.phases, f"{precision}: models freed", c.memory):
@@ -707,6 +705,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per row after one warm-up (default 3)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: every core this process may use)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.add_argument(
+        "--channels_last", action="store_true", help="NHWC convolution weights, ours and diffusers' alike"
+    )
     p.add_argument("--steps", type=int, default=20, help="UNet steps in the whole-image estimate (default 20)")
     args = p.parse_args(argv)
     try:

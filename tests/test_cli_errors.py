@@ -157,6 +157,12 @@ def test_memory_estimate_closed_form():
     assert 6 * GiB < estimate_peak_bytes(512, 512, n_samples=3, weight_bytes=4 * GiB) < 7 * GiB
     # ... and 65536x65536 cannot run anywhere (exact integers, no overflow).
     assert estimate_peak_bytes(65536, 65536) == 6 * 65536**2 * 128 * 4 == 12 * 1024**4
+    # --vae_tile: one tile's activations at a time, plus the float32 image and blend weights (4 planes).
+    vae_only = dict(unet_channels=0, text_channels=0)
+    assert estimate_peak_bytes(1024, 1024, vae_tile=512, **vae_only) == 6 * 512 * 512 * 128 * 4 + 1024 * 1024 * 16
+    assert estimate_peak_bytes(1024, 1024, vae_tile=512, **vae_only) < estimate_peak_bytes(1024, 1024) / 3
+    assert estimate_peak_bytes(512, 512, vae_tile=512) == estimate_peak_bytes(512, 512)  # one tile: untiled
+    assert estimate_peak_bytes(1024, 256, vae_tile=512, **vae_only) == 6 * 512 * 256 * 128 * 4 + 1024 * 256 * 16
 
 
 def test_available_memory():

@@ -55,7 +55,7 @@ def plain(embedder: FrozenCLIPEmbedder, ids: list[int]) -> torch.Tensor:
     row = [BOS_ID, *ids, EOS_ID] + [EOS_ID] * (75 - len(ids))
     assert len(row) == 77
     with torch.no_grad():
-        return embedder.transformer.text_model(input_ids=torch.tensor([row])).last_hidden_state[0]
+        return embedder.transformer.text_model(torch.tensor([row]))[0]
 
 
 def long_prompt(n: int, change: int | None = None) -> str:

@@ -100,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", type=str, default=None, help="cpu, cuda, cuda:N or auto (default: the config's)")
     p.add_argument(
+        "--channels_last",
+        action="store_true",
+        default=None,
+        help="hold convolution weights and activations in NHWC order (faster on CPUs and GPUs; changes float32 "
+        "results in the last bits; default: the config's runtime.channels_last)",
+    )
+    p.add_argument(
         "--vae_tile",
         type=int,
         default=None,
@@ -274,7 +281,9 @@ def check_fits(opt: argparse.Namespace, config, runtime, ckpt: str) -> None:
     if isinstance(channels, int) and opt.C != channels:
         raise UsageError(f"--C {opt.C} does not match the model's {channels} latent channels; use --C {channels}")
     unet, vae, text = model_widths(config)
-    weight_bytes = os.path.getsize(ckpt) if os.path.isfile(ckpt) else 0
+    # The file size, taken as float32 weights (an upper side: EMA copies and optimizer state count too),
+    # scaled to the dtype they are held in.
+    weight_bytes = os.path.getsize(ckpt) * runtime.weight_dtype.itemsize // 4 if os.path.isfile(ckpt) else 0
     need = estimate_peak_bytes(
         opt.H,
         opt.W,
@@ -286,6 +295,7 @@ def check_fits(opt: argparse.Namespace, config, runtime, ckpt: str) -> None:
         text_channels=text,
         weight_bytes=weight_bytes,
         dtype_bytes=runtime.arithmetic_dtype.itemsize,
+        vae_tile=getattr(opt, "vae_tile", None),
     )
     have, what = available_memory(runtime.device)
     if have is not None and need > have:
@@ -324,7 +334,7 @@ def finish_before_interrupt() -> Iterator[None]:
 def prepare(opt: argparse.Namespace):
     """Config, runtime and checkpoint path, with every check that needs the config but not the weights."""
     config = load_config(opt.config)
-    runtime = resolve_runtime(config, opt.device, opt.precision)
+    runtime = resolve_runtime(config, opt.device, opt.precision, opt.channels_last)
     ckpt = prefer_safetensors(opt.ckpt)
     check_fits(opt, config, runtime, ckpt)
     return config, runtime, ckpt

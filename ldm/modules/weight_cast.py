@@ -34,7 +34,12 @@ class _Scratch:
         buf = self.buffers.get(key)
         if buf is None or buf.numel() < t.numel():
             buf = self.buffers[key] = torch.empty(t.numel(), dtype=dtype, device=t.device)
-        return buf[: t.numel()].view(t.shape).copy_(t)
+        flat = buf[: t.numel()]
+        if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+            # Keep a channels-last weight channels-last: convolutions take their layout from it.
+            n, c, h, w = t.shape
+            return flat.view(n, h, w, c).permute(0, 3, 1, 2).copy_(t)
+        return flat.view(t.shape).copy_(t)
 
 
 _SCRATCH = _Scratch()

@@ -6,36 +6,18 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel
 
+from ldm.modules.encoders.clip_text import CLIPTextConfig, CLIPTextTransformer
 from ldm.modules.encoders.tokenizer import get_tokenizer
-
-# openai/clip-vit-large-patch14's text tower, written here so nothing is fetched from a hub.
-# bos/eos/pad ids are the legacy values of that config (they only affect transformers' pooled output,
-# which SD v1 does not use).
-VIT_L_14_TEXT = dict(
-    vocab_size=49408,
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=77,
-    hidden_act="quick_gelu",
-    layer_norm_eps=1e-5,
-    projection_dim=768,
-    bos_token_id=0,
-    eos_token_id=2,
-    pad_token_id=1,
-)
 
 
 class _TextTower(nn.Module):
     """Holds the CLIP text model under `.text_model`, the level real SD checkpoints name
-    (`cond_stage_model.transformer.text_model.*`); transformers 5's CLIPTextModel dropped that level."""
+    (`cond_stage_model.transformer.text_model.*`, transformers 4.19's CLIPTextModel layout)."""
 
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
-        self.text_model = CLIPTextModel(config)
+        self.text_model = CLIPTextTransformer(config)
 
 
 class FrozenCLIPEmbedder(nn.Module):
@@ -43,7 +25,7 @@ class FrozenCLIPEmbedder(nn.Module):
 
     `version`, `device` and `max_length` are the original's parameters; `version` must name the
     ViT-L/14 tower (its weights come from the SD checkpoint, never from a hub). `text_config`
-    overrides fields of the built-in config, for small test and demo models.
+    overrides fields of the built-in config (`CLIPTextConfig`), for small test and demo models.
     """
 
     def __init__(
@@ -52,14 +34,11 @@ class FrozenCLIPEmbedder(nn.Module):
         device: Any = None,
         max_length: int = 77,
         text_config: dict[str, Any] | None = None,
-        attn_implementation: str = "eager",
     ):
         super().__init__()
         if version != "openai/clip-vit-large-patch14":
             raise ValueError(f"FrozenCLIPEmbedder: only openai/clip-vit-large-patch14 is built in, not {version!r}")
-        fields = {**VIT_L_14_TEXT, **(text_config or {})}
-        config = CLIPTextConfig(**fields)
-        config._attn_implementation = attn_implementation
+        config = CLIPTextConfig.from_fields(dict(text_config or {}))
         if max_length > config.max_position_embeddings:
             raise ValueError(
                 f"max_length {max_length} exceeds the text model's {config.max_position_embeddings} positions"
@@ -82,7 +61,7 @@ class FrozenCLIPEmbedder(nn.Module):
         if isinstance(texts, str):
             texts = [texts]
         tokens = self.tokenize(list(texts)).to(self.transformer.text_model.embeddings.token_embedding.weight.device)
-        return self.transformer.text_model(input_ids=tokens).last_hidden_state
+        return self.transformer.text_model(tokens)
 
     def encode(self, texts: list[str] | str) -> torch.Tensor:
         return self(texts)
