@@ -66,9 +66,9 @@ def test_same_picture_with_nhwc_activations(tiny_config, tiny_ckpt, precision):
 
 
 def test_cast_buffer_keeps_the_layout():
-    conv = nn.Conv2d(4, 6, 3).bfloat16().to(memory_format=CL)
+    conv = nn.Conv2d(4, 6, 3).bfloat16().to(memory_format=CL).requires_grad_(False)  # frozen: the buffer path
     compute_in(conv, torch.float32)
-    x = torch.randn(1, 4, 9, 9).contiguous(memory_format=CL)
+    x = torch.randn(1, 4, 9, 9)  # plain NCHW, as the UNet's input is: the weight's layout must carry over
     out = conv(x)
     assert is_channels_last(out)
     expected = nn.functional.conv2d(x, conv.weight.float(), conv.bias.float())
