@@ -29,6 +29,22 @@ def test_policy_flag_wins_over_config():
     assert resolve_runtime({"runtime": {"device": "cpu"}}, channels_last=True).memory_format == CL
     assert resolve_runtime({}, device="cpu").memory_format == torch.contiguous_format  # off unless asked
     assert "channels last" in resolve_runtime(on).describe()
+    with pytest.raises(ValueError, match="true, false or auto"):
+        resolve_runtime({"runtime": {"device": "cpu", "channels_last": "yes"}})
+
+
+@pytest.mark.parametrize("has_bf16", [False, True])
+def test_auto_is_on_only_for_bf16_arithmetic_on_a_cpu(monkeypatch, has_bf16):
+    monkeypatch.setattr("ldm.runtime.cpu_has_bf16", lambda: has_bf16)
+    for cfg in ({"runtime": {"device": "cpu"}}, {"runtime": {"device": "cpu", "channels_last": "auto"}}):
+        assert resolve_runtime(cfg, precision="bf16").channels_last is has_bf16  # measured to pay there
+        # float32 keeps the original's layout (and so its bits); fp16 and bf16 without the instructions
+        # compute in float32 through the cast buffer
+        for precision in ("full", "autocast", "fp16"):
+            assert resolve_runtime(cfg, precision=precision).channels_last is False
+        assert resolve_runtime(cfg, precision="bf16", channels_last=False).channels_last is False
+    forced = {"runtime": {"device": "cpu", "channels_last": False}}
+    assert resolve_runtime(forced, precision="bf16").channels_last is False
 
 
 def conv_outputs(model: nn.Module) -> tuple[list[torch.Tensor], list]:

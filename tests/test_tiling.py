@@ -110,3 +110,22 @@ def test_in_place_decoder_ops_keep_the_values(tiny_model):
     with torch.no_grad():
         assert torch.equal(vae.decode(z), out_of_place)
         assert torch.equal(vae.encode(x).mean, moments)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_swish_keeps_float32_bits_and_rounds_once_in_16_bits(dtype):
+    """float32: the original's x * sigmoid(x), bit for bit (F.silu differs in the last bit). 16 bits: F.silu,
+    computed in float32 and rounded once, so nearer the exact value than the two ops' double rounding."""
+    from ldm.modules.diffusionmodules.model import swish
+
+    x = (torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 4).to(dtype)
+    two_ops = x * torch.sigmoid(x)
+    expected = two_ops if dtype == torch.float32 else F.silu(x)
+    with torch.enable_grad():
+        assert torch.equal(swish(x.clone()), expected)
+    with torch.no_grad():
+        y = x.clone()
+        assert torch.equal(swish(y), expected) and torch.equal(y, expected)  # in place outside autograd
+    if dtype != torch.float32:
+        exact = x.double() * torch.sigmoid(x.double())
+        assert (expected.double() - exact).abs().mean() < (two_ops.double() - exact).abs().mean()

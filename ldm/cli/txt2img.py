@@ -104,7 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="hold convolution weights and activations in NHWC order (faster on CPUs and GPUs; changes float32 "
-        "results in the last bits; default: the config's runtime.channels_last)",
+        "results in the last bits; default: the config's runtime.channels_last, whose 'auto' means on for bf16 "
+        "arithmetic on a CPU)",
+    )
+    p.add_argument(
+        "--no_channels_last",
+        dest="channels_last",
+        action="store_false",
+        help="keep the original NCHW layout even where runtime.channels_last is auto or true",
     )
     p.add_argument(
         "--vae_tile",

@@ -14,11 +14,14 @@ def Normalize(channels: int) -> nn.GroupNorm:  # noqa: N802 - the original's nam
 
 
 def swish(x: torch.Tensor) -> torch.Tensor:
-    """x * sigmoid(x), as the original computes it. Outside autograd it overwrites `x` (callers pass a fresh
-    norm output) with the same values: at 512 pixels that is one 256 MB tensor less at the decoder's peak."""
-    if torch.is_grad_enabled():
-        return x * torch.sigmoid(x)
-    return x.mul_(torch.sigmoid(x))
+    """x * sigmoid(x). In float32 as the original computes it (two ops; `F.silu` differs in the last bit); in
+    16 bits `F.silu`, which rounds once: closer to float32 and, on a bf16 CPU, 4x faster than the two ops.
+    Outside autograd it overwrites `x` (callers pass a fresh norm output) with the same values: at 512
+    pixels that is one 256 MB tensor less at the decoder's peak."""
+    inplace = not torch.is_grad_enabled()
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return F.silu(x, inplace=inplace)
+    return x.mul_(torch.sigmoid(x)) if inplace else x * torch.sigmoid(x)
 
 
 def _residual(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
