@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ldm.util import is_compiled
+
 
 @dataclass
 class FeatureReuse:
@@ -47,6 +49,9 @@ def reuse_features(model, interval: int, depth: int = 0) -> Iterator[FeatureReus
         yield None
         return
     unet = model.model.diffusion_model
+    if is_compiled(unet):
+        # Its per-call branching and counters would make torch.compile re-trace at every step.
+        raise ValueError("feature reuse (--deepcache) and a compiled UNet (--compile) do not combine; choose one")
     reuse = FeatureReuse(interval, depth)
     unet.feature_reuse = reuse
     try:

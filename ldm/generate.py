@@ -26,7 +26,7 @@ from ldm.runtime import Runtime, dtype_name
 from ldm.samplers.k_samplers import SAMPLERS as K_SAMPLERS
 from ldm.samplers.k_samplers import SamplerInfo, denoiser_from_eps
 from ldm.samplers.schedules import discrete_sigmas, karras_sigmas, sigmas_from_alphas_cumprod
-from ldm.util import seed_everything
+from ldm.util import is_compiled, seed_everything
 
 # The original's samplers, exact to its images; they run on the DDIM sub-schedule of the model's steps.
 ORIGINAL_SAMPLERS: dict[str, type[DiscreteSampler]] = {"ddim": DDIMSampler, "plms": PLMSSampler}
@@ -183,6 +183,8 @@ def free_weights(model, module: torch.nn.Module) -> None:
         for t in (*module.parameters(), *module.buffers()):
             weights_file.release(t)
     module.to("meta")
+    if any(is_compiled(m) for m in module.modules()):
+        torch._dynamo.reset()  # the compiled code holds the frozen weights' packed copies
     gc.collect()
     trim_heap()
 

@@ -48,6 +48,7 @@ class Pipeline:
         precision: str | None = None,
         verbose: bool = False,
         channels_last: bool | None = None,
+        compile: bool | None = None,
     ) -> Pipeline:
         """Build the model of `config` from `ckpt` (default: the checkpoint its `txt2img:` section names)."""
         cfg = load_config(config)
@@ -56,7 +57,7 @@ class Pipeline:
             if "ckpt" not in defaults:
                 raise ValueError(f"{config} names no checkpoint (txt2img.ckpt): pass ckpt=PATH")
             ckpt = resolve_config_path(str(defaults["ckpt"]), config)
-        runtime = resolve_runtime(cfg, device, precision, channels_last)
+        runtime = resolve_runtime(cfg, device, precision, channels_last, compile)
         return cls(load_model(cfg, ckpt, runtime, verbose=verbose), runtime, defaults)
 
     def settings(self, **overrides: Any) -> SampleSettings:

@@ -37,3 +37,8 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def is_compiled(module: torch.nn.Module) -> bool:
+    """Whether `module.compile()` was called on it (its calls go through torch.compile)."""
+    return getattr(module, "_compiled_call_impl", None) is not None

@@ -71,6 +71,7 @@ IN_PROCESS_CASES = {
     "VAE tile not a multiple of --f": (["--vae_tile", "100"], "--vae_tile"),
     "VAE tile too small": (["--vae_tile", "16"], "--vae_tile"),
     "negative --deepcache": (["--deepcache", "-1"], "--deepcache"),
+    "--compile with --deepcache": (["--compile", "--deepcache", "3"], "do not combine"),
     "unknown device": (["--device", "tpu"], "unknown device"),
     "not a model config": (["--config", "{tmp}/empty.txt"], "model.target"),
     "prompt that is not UTF-8": (["--prompt", "caf\udce9"], "UTF-8"),

@@ -114,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the original NCHW layout even where runtime.channels_last is auto or true",
     )
     p.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="torch.compile the UNet: faster steps after a compile of tens of seconds in each new process, so "
+        "it pays over many steps or images; needs a C++ compiler on a CPU (default: the config's "
+        "runtime.compile)",
+    )
+    p.add_argument(
         "--vae_tile",
         type=int,
         default=None,
@@ -263,6 +271,8 @@ def validate(opt: argparse.Namespace) -> None:
         raise UsageError(f"--vae_tile must be a multiple of --f {opt.f} and at least {8 * opt.f} pixels (e.g. 512)")
     if opt.deepcache < 0:
         raise UsageError(f"--deepcache must be 0 (off) or a number of UNet calls >= 1, got {opt.deepcache}")
+    if opt.compile and opt.deepcache > 1:
+        raise UsageError("--compile and --deepcache do not combine (feature reuse re-traces every step); choose one")
     if sampler_name(opt) == "plms" and opt.ddim_eta != 0:
         raise UsageError("PLMS needs --ddim_eta 0 (it is deterministic); use DDIM for eta > 0")
     if not os.path.isfile(opt.config):
@@ -341,7 +351,7 @@ def finish_before_interrupt() -> Iterator[None]:
 def prepare(opt: argparse.Namespace):
     """Config, runtime and checkpoint path, with every check that needs the config but not the weights."""
     config = load_config(opt.config)
-    runtime = resolve_runtime(config, opt.device, opt.precision, opt.channels_last)
+    runtime = resolve_runtime(config, opt.device, opt.precision, opt.channels_last, opt.compile)
     ckpt = prefer_safetensors(opt.ckpt)
     check_fits(opt, config, runtime, ckpt)
     return config, runtime, ckpt
