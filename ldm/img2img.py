@@ -33,6 +33,7 @@ from ldm.generate import (
     check_sampler,
     conditioning,
     decode,
+    free_weights,
     latent_tile,
     nan_hint,
     run_solver,
@@ -116,10 +117,15 @@ def generate_img2img(
     mask: torch.Tensor | None = None,
     negative_prompt: str = "",
     progress: bool = True,
+    low_memory: bool = False,
 ) -> Iterator[BatchResult]:
     """Yield decoded batches made from `init_image` ([1, 3, H, W] in [-1, 1]); `mask` ([1, 1, H, W],
     1 = repaint) turns it into inpainting. Random draws, after seeding: the one posterior sample of the
-    init image, then per batch the noise for its start, then the sampler's draws."""
+    init image, then per batch the noise for its start, then the sampler's draws.
+
+    `low_memory` frees, for good, the VAE encoder once the image is encoded, the text encoder after encoding
+    every batch's prompts first (which draws no random numbers), and the UNet before the last decode, as
+    txt2img's does. The images are the same."""
     check_sampler(s.sampler, s.schedule)
     t_enc = encoding_steps(strength, s.steps)
     device = runtime.device
@@ -140,12 +146,20 @@ def generate_img2img(
         elif mask is not None:
             m = latent_mask(mask.to(device, z_init.dtype), z_init.shape[-2:])
         schedule = DDIMSchedule.make(model.alphas_cumprod, s.steps, s.eta).to(device)
+        encoded = None
+        if low_memory:
+            free_weights(model, model.first_stage_model.encoder)
+            encoded = [conditioning(model, p, len(p) * [negative_prompt], s) for p in batches]
+            free_weights(model, model.cond_stage_model)
         for it in range(s.n_iter):
             for b, prompts in enumerate(batches):
                 n = len(prompts)
                 z0 = z_init[:n]
                 sampling_model = model if c_concat is None else ConcatConditioned(model, c_concat[:n])
-                cond, uncond = conditioning(model, prompts, n * [negative_prompt], s)
+                if encoded is not None:
+                    cond, uncond = encoded[b]
+                else:
+                    cond, uncond = conditioning(model, prompts, n * [negative_prompt], s)
                 noise = torch.randn_like(z0)
                 if t_enc == 0:
                     latents = z0
@@ -182,6 +196,8 @@ def generate_img2img(
                                 None if m is None else m[:n],
                                 progress,
                             )
+                if low_memory and it == s.n_iter - 1 and b == len(batches) - 1:
+                    free_weights(model, model.model)
                 where = batch_place(s, it, b, len(batches))
                 decoded = decode(model, latents, runtime, where, nan_hint(s, runtime), tile=latent_tile(s))
                 if mask is not None:

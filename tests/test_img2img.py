@@ -167,6 +167,29 @@ def test_inpainting_keeps_unmasked_pixels_exactly(tiny_model, sampler):
     assert changed > 5  # the repainted square really changed
 
 
+@pytest.mark.parametrize("sampler,inpaint", [("ddim", False), ("euler_a", True)])
+def test_low_memory_keeps_the_images(tiny_config, tiny_ckpt, tiny_model, sampler, inpaint):
+    """img2img --low_memory: the encoders go first, the UNet before the last decode; the same images."""
+    mask = None
+    if inpaint:
+        mask = torch.zeros(1, 1, 64, 64)
+        mask[..., 8:40, 16:56] = 1.0
+    init = to_model_range(init_picture())
+    batches = [["a cat", "a dog"], ["a cow"]]
+    s = settings(sampler=sampler, n_iter=2)
+    plain = [b.decoded for b in generate_img2img(tiny_model, batches, s, CPU, init, 0.7, mask=mask, progress=False)]
+    model = load_model(tiny_config, tiny_ckpt, CPU, verbose=False)
+    runs = generate_img2img(model, batches, s, CPU, init, 0.7, mask=mask, progress=False, low_memory=True)
+    freed = []
+    for batch in runs:
+        freed.append(batch.decoded)
+        assert all(p.is_meta for p in model.cond_stage_model.parameters())
+        assert all(p.is_meta for p in model.first_stage_model.encoder.parameters())
+        assert any(p.is_meta for p in model.model.parameters()) == (len(freed) == 4)  # only for the last decode
+    assert len(freed) == len(plain) == 4
+    assert all(torch.equal(a, b) for a, b in zip(freed, plain, strict=True))
+
+
 def test_image_reading_handles_modes_and_orientation(tmp_path):
     rgb = init_picture(70, 100)
     Image.fromarray(rgb).convert("RGBA").save(tmp_path / "rgba.png")

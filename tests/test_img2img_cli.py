@@ -89,3 +89,24 @@ def test_bad_input_is_one_line(init_png, tmp_path, args, words):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], proc.stderr
     assert not out.exists()
+
+
+def test_low_memory_reaches_img2img_and_keeps_the_images(init_png, tmp_path, monkeypatch):
+    import ldm.cli.img2img as cli
+
+    seen = []
+    real = cli.generate_img2img
+
+    def spy(*args, **kw):
+        seen.append(kw.get("low_memory"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(cli, "generate_img2img", spy)
+    common = ["--config", str(DEMO), "--quiet", "--init-img", str(init_png), "--prompt", "a handwritten digit 1"]
+    for name, flags in (("plain", []), ("low", ["--low_memory"])):
+        assert cli.main([*common, "--n_samples", "2", "--outdir", str(tmp_path / name), *flags]) == 0
+    assert seen == [False, True]
+    plain, low = (sorted((tmp_path / d / "samples").glob("*.png")) for d in ("plain", "low"))
+    assert len(plain) == len(low) == 2
+    for a, b in zip(plain, low, strict=True):
+        assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))

@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ldm.generate import SampleSettings, generate
@@ -199,3 +200,25 @@ def test_low_memory_keeps_the_images(tiny_config, tiny_ckpt):
     assert len(freed) == len(plain) == 4
     assert all(torch.equal(a, b) for a, b in zip(freed, plain, strict=True))
     assert not any(p.is_meta for p in model.first_stage_model.decoder.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_groupnorm32_in_16_bits(dtype):
+    """bf16 runs the native kernel (float32 accumulation, no casts): within an output rounding of the float32
+    computation. fp16 keeps the original's float32 detour (fp16's range), so it equals it exactly."""
+    from ldm.modules.diffusionmodules.openaimodel import GroupNorm32
+
+    norm = GroupNorm32(32, 64)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.2)
+        norm.bias.normal_(0.0, 0.2)
+    norm = norm.to(dtype)
+    x = (torch.randn(2, 64, 16, 16, generator=torch.Generator().manual_seed(0)) * 30 + 5).to(dtype)
+    exact = F.group_norm(x.float(), 32, norm.weight.float(), norm.bias.float(), norm.eps)
+    out = norm(x)
+    assert out.dtype == dtype
+    if dtype == torch.float16:
+        assert torch.equal(out, exact.half())
+    else:
+        ulp = exact.abs().clamp_min(1e-3) * 2**-7  # one bf16 step at the value's size
+        assert ((out.float() - exact).abs() <= ulp).all()

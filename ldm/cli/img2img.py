@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     for action in p._actions:
         if action.dest in ("H", "W"):
             action.help = argparse.SUPPRESS  # the init image decides the size
-        if action.dest in ("watermark", "low_memory"):
+        if action.dest == "watermark":
             action.help = argparse.SUPPRESS
     p.add_argument("--watermark", dest="watermark", action="store_true", help="embed the invisible watermark")
     p.add_argument("--init-img", type=str, nargs="?", help="path to the input image")
@@ -49,8 +49,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def run(opt: argparse.Namespace) -> list[str]:
     if not opt.init_img:
         raise UsageError("--init-img is required: the path of the image to start from")
-    if opt.low_memory:
-        raise UsageError("--low_memory is a txt2img option (img2img keeps the text encoder)")
     if not 0.0 <= opt.strength <= 1.0:
         raise UsageError(f"--strength must be between 0 and 1, got {opt.strength}")
     if opt.mask_dilate < 0 or not opt.mask_blur >= 0:
@@ -82,6 +80,7 @@ def run(opt: argparse.Namespace) -> list[str]:
         mask=mask,
         negative_prompt=negatives[0][0],
         progress=not opt.quiet,
+        low_memory=opt.low_memory,
     )
     fields = {**t2i.infotext_fields(settings, ckpt), "Denoising strength": opt.strength}
     if mask is not None:
