@@ -24,12 +24,33 @@ SCRIPT = REPO / "scripts" / "txt2img.py"
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process is POSIX")
 
 
+@pytest.fixture(autouse=True)
+def python_sigint_handling():
+    """Ctrl-C as a terminal gives it, also when pytest itself was started as a background job of a
+    non-interactive shell (which ignores SIGINT, and children inherit that)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # so the child's Python installs its KeyboardInterrupt handler
+
+
 def start(out: Path, ckpt: Path, *args: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
     env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     argv = [sys.executable, str(SCRIPT), "--config", str(TINY_CONFIG), "--ckpt", str(ckpt), "--quiet"]
     argv += ["--prompt", "a cat", "--no-watermark", "--outdir", str(out), *args]
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    return subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO,
+        preexec_fn=_default_sigint,
+    )
 
 
 def wait_for(proc: subprocess.Popen, ready, timeout: float = 60.0) -> None:
