@@ -26,6 +26,7 @@ from ldm.runtime import Runtime, dtype_name
 from ldm.samplers.k_samplers import SAMPLERS as K_SAMPLERS
 from ldm.samplers.k_samplers import SamplerInfo, denoiser_from_eps
 from ldm.samplers.schedules import discrete_sigmas, karras_sigmas, sigmas_from_alphas_cumprod
+from ldm.token_merge import merge_tokens
 from ldm.util import is_compiled, seed_everything
 
 # The original's samplers, exact to its images; they run on the DDIM sub-schedule of the model's steps.
@@ -71,6 +72,8 @@ class SampleSettings:
     # One full UNet call every `reuse_interval` calls, deep features reused between (<= 1: off), see
     # ldm.feature_reuse.
     reuse_interval: int = 0
+    # Share of tokens merged before each full-resolution self-attention (0: off), see ldm.token_merge.
+    token_merge: float = 0.0
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -269,7 +272,7 @@ def generate(
                 else:
                     cond, uncond = conditioning(model, prompts, _negatives_for(negative_prompt, b, n), s)
                 x_T = start_code[:n] if start_code is not None else torch.randn((n, *s.latent_shape), device=device)
-                with reuse_features(model, s.reuse_interval):
+                with reuse_features(model, s.reuse_interval), merge_tokens(model, s.token_merge):
                     if sampler is not None:
                         latents = sampler.sample(
                             s.steps,

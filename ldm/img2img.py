@@ -41,6 +41,7 @@ from ldm.generate import (
 )
 from ldm.models.diffusion.sampling_common import DDIMSchedule, stochastic_encode
 from ldm.runtime import Runtime
+from ldm.token_merge import merge_tokens
 from ldm.util import seed_everything
 
 
@@ -164,7 +165,7 @@ def generate_img2img(
                 if t_enc == 0:
                     latents = z0
                 else:
-                    with reuse_features(model, s.reuse_interval):
+                    with reuse_features(model, s.reuse_interval), merge_tokens(model, s.token_merge):
                         if s.sampler in ORIGINAL_SAMPLERS:
                             sampler = ORIGINAL_SAMPLERS[s.sampler](sampling_model)
                             full = t_enc >= len(schedule.timesteps)

@@ -92,9 +92,11 @@ class Pipeline:
         eta: float = 0.0,
         deepcache: int = 0,
         vae_tile: int | None = None,
+        tome: float = 0.0,
     ) -> list[Image.Image]:
         """`deepcache=N` runs the full UNet every N-th call only (ldm.feature_reuse); `vae_tile` decodes in tiles
-        of that many pixels (ldm.modules.tiling). Both save time or memory and change the pixels a little."""
+        of that many pixels (ldm.modules.tiling); `tome=RATIO` merges tokens before the full-resolution
+        self-attentions (ldm.token_merge). Each saves time or memory and changes the pixels a little."""
         s = self.settings(
             steps=steps,
             sampler=sampler,
@@ -107,6 +109,7 @@ class Pipeline:
             schedule="karras" if karras else "discrete",
             reuse_interval=deepcache,
             vae_tile=vae_tile,
+            token_merge=tome,
         )
         (batch,) = generate(
             self.model, [n * [prompt]], s, self.runtime, progress=False, negative_prompt=negative_prompt
@@ -132,6 +135,7 @@ class Pipeline:
         eta: float = 0.0,
         deepcache: int = 0,
         vae_tile: int | None = None,
+        tome: float = 0.0,
     ) -> list[Image.Image]:
         """Variations of `image` (cut to multiples of 32 pixels); with `mask` (white = repaint), inpainting."""
         rgb = load_image_array(image, MULTIPLE)
@@ -149,6 +153,7 @@ class Pipeline:
             schedule="karras" if karras else "discrete",
             reuse_interval=deepcache,
             vae_tile=vae_tile,
+            token_merge=tome,
         )
         (batch,) = generate_img2img(
             self.model,

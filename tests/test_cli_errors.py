@@ -72,6 +72,7 @@ IN_PROCESS_CASES = {
     "VAE tile too small": (["--vae_tile", "16"], "--vae_tile"),
     "negative --deepcache": (["--deepcache", "-1"], "--deepcache"),
     "--compile with --deepcache": (["--compile", "--deepcache", "3"], "do not combine"),
+    "token merging ratio of 1": (["--tome", "1"], "--tome"),
     "unknown device": (["--device", "tpu"], "unknown device"),
     "not a model config": (["--config", "{tmp}/empty.txt"], "model.target"),
     "prompt that is not UTF-8": (["--prompt", "caf\udce9"], "UTF-8"),

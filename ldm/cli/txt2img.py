@@ -143,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
         "about N times fewer full calls, changes the image a little; try 3)",
     )
     p.add_argument(
+        "--tome",
+        type=float,
+        default=0.0,
+        metavar="RATIO",
+        help="merge this share of the tokens before each full-resolution self-attention (token merging, ToMe; "
+        "faster at 512 pixels and up, changes the image; try 0.5)",
+    )
+    p.add_argument(
         "--no-watermark",
         dest="watermark",
         action="store_false",
@@ -271,6 +279,8 @@ def validate(opt: argparse.Namespace) -> None:
         raise UsageError(f"--vae_tile must be a multiple of --f {opt.f} and at least {8 * opt.f} pixels (e.g. 512)")
     if opt.deepcache < 0:
         raise UsageError(f"--deepcache must be 0 (off) or a number of UNet calls >= 1, got {opt.deepcache}")
+    if not 0.0 <= opt.tome < 1.0:
+        raise UsageError(f"--tome must be a share of the tokens in [0, 1), e.g. 0.5, got {opt.tome}")
     if opt.compile and opt.deepcache > 1:
         raise UsageError("--compile and --deepcache do not combine (feature reuse re-traces every step); choose one")
     if sampler_name(opt) == "plms" and opt.ddim_eta != 0:
@@ -375,6 +385,7 @@ def settings_from(opt: argparse.Namespace) -> SampleSettings:
         chunking=True if opt.long_prompts else None,
         vae_tile=opt.vae_tile,
         reuse_interval=opt.deepcache,
+        token_merge=opt.tome,
     )
 
 
@@ -409,6 +420,8 @@ def infotext_fields(settings: SampleSettings, ckpt: str) -> dict[str, object]:
         fields["Eta"] = settings.eta
     if settings.reuse_interval > 1:
         fields["DeepCache interval"] = settings.reuse_interval
+    if settings.token_merge:
+        fields["Token merging ratio"] = settings.token_merge
     if settings.vae_tile is not None:
         fields["VAE tile"] = settings.vae_tile
     return fields

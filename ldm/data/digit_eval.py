@@ -54,6 +54,7 @@ def sample_digits(
     size: int = 32,
     factor: int = 4,
     reuse_interval: int = 0,
+    token_merge: float = 0.0,
 ) -> Samples:
     """`per_digit` samples for each of the ten digits in one batch (or 10 * per_digit for the empty prompt)."""
     if unconditional:
@@ -74,6 +75,7 @@ def sample_digits(
         seed=seed,
         schedule=schedule,
         reuse_interval=reuse_interval,
+        token_merge=token_merge,
     )
     (batch,) = generate(model, [prompts], settings, runtime, progress=False)
     return Samples(prompts, intended, batch.decoded.float().clamp(-1, 1).cpu())

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.token_merge import Merge, bipartite_merge
+
 
 class GEGLU(nn.Module):
     def __init__(self, dim_in: int, dim_out: int):
@@ -70,8 +72,9 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, merge: Merge | None = None) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + (self.attn1(h) if merge is None else merge.unmerge(self.attn1(merge.merge(h))))
         x = x + self.attn2(self.norm2(x), context=context)
         return x + self.ff(self.norm3(x))
 
@@ -90,6 +93,9 @@ class SpatialTransformer(nn.Module):
     ):
         super().__init__()
         inner = n_heads * d_head
+        self.in_channels = in_channels
+        # Set by ldm.token_merge.merge_tokens: the share of tokens merged before each self-attention.
+        self.token_merge_ratio = 0.0
         self.norm = nn.GroupNorm(32, in_channels, eps=1e-6)
         self.proj_in = nn.Conv2d(in_channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
@@ -103,6 +109,7 @@ class SpatialTransformer(nn.Module):
         y = self.proj_in(self.norm(x))
         y = y.flatten(2).transpose(1, 2)
         for block in self.transformer_blocks:
-            y = block(y, context=context)
+            merge = bipartite_merge(y, h, w, self.token_merge_ratio) if self.token_merge_ratio else None
+            y = block(y, context=context, merge=merge)
         y = y.transpose(1, 2).reshape(b, -1, h, w)
         return x + self.proj_out(y)
