@@ -52,6 +52,7 @@ from ldm.feature_reuse import FeatureReuse  # noqa: E402
 from ldm.load import OPTIONAL_KEYS, build_model, load_config  # noqa: E402
 from ldm.mapped_file import trim_heap  # noqa: E402
 from ldm.runtime import Runtime  # noqa: E402
+from ldm.token_merge import merge_tokens  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "configs" / "stable-diffusion" / "v1-inference-cpu.yaml"
@@ -532,6 +533,19 @@ def time_rows(precision: str, ours: nn.Module, theirs: Theirs | None, c: Context
                 note="ours only: the outer blocks on the deep feature kept from a full call",
             )
             unet.feature_reuse = None
+        if "tome" in args.rows:
+            x1 = torch.randn(1, channels, h, w, generator=g)
+            x = torch.cat([x1, x1]).to(device=device, dtype=input_dtype)
+            ctx = torch.randn(2, 77, context_dim, generator=g).to(device=device, dtype=input_dtype)
+            t = torch.full((2,), TIMESTEP, dtype=torch.int64, device=device)
+            with merge_tokens(ours, args.tome):
+                add(
+                    f"UNet {size_name(size)}, guidance, --tome {args.tome:g} (batch 2)",
+                    f"tome{size}",
+                    lambda x=x, t=t, ctx=ctx: ours.apply_model(x, t, ctx),
+                    None,
+                    note="ours only: token merging before the full-resolution self-attentions",
+                )
         if "vae" in args.rows:
             # Latents as a sampler hands them over (unit scale), divided by the scale factor as decoding does.
             z = (torch.randn(1, channels, h, w, generator=g) / params["scale_factor"]).to(device, input_dtype)
@@ -699,8 +713,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--rows",
         default="text,unet,vae",
-        help="which rows: text, unet, vae, reuse (a --deepcache shallow UNet call) (default text,unet,vae)",
+        help="which rows: text, unet, vae, reuse (a --deepcache shallow UNet call), tome (a UNet call with "
+        "--tome) (default text,unet,vae)",
     )
+    p.add_argument("--tome", type=float, default=0.5, help="token merging ratio of the tome row (default 0.5)")
     p.add_argument("--vs", choices=("none", "diffusers"), default="none", help="compare with diffusers in-process")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per row after one warm-up (default 3)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: every core this process may use)")
@@ -725,8 +741,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         precisions.insert(0, "fp32")
     args.precisions = list(dict.fromkeys(precisions))
     args.rows = {r.strip() for r in args.rows.split(",") if r.strip()}
-    if not args.rows or args.rows - {"text", "unet", "vae", "reuse"}:
-        p.error("--rows: choose from text, unet, vae")
+    if not args.rows or args.rows - {"text", "unet", "vae", "reuse", "tome"}:
+        p.error("--rows: choose from text, unet, vae, reuse, tome")
+    if not 0.0 <= args.tome < 1.0:
+        p.error(f"--tome must be in [0, 1), got {args.tome}")
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
     return args
