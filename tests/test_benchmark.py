@@ -1,0 +1,61 @@
+"""scripts/benchmark.py on the tiny config: every row measured, and ours and diffusers computing the same thing."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+
+import pytest
+
+from .conftest import REPO, TINY_CONFIG
+
+
+def load_benchmark(monkeypatch):
+    spec = importlib.util.spec_from_file_location("ldm_benchmark_script", REPO / "scripts" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def table_rows(text: str) -> dict[tuple[str, str], list[str]]:
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| fp32 |") or line.startswith("| bf16 |"):
+            rows[(cells[0], cells[1])] = cells[2:]
+    return rows
+
+
+def number(cell: str) -> float:
+    return float(re.match(r"[-+0-9.e]+", cell).group(0))
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_tiny_run_against_diffusers(capsys, monkeypatch):
+    pytest.importorskip("diffusers")
+    bench = load_benchmark(monkeypatch)
+    argv = ["--config", str(TINY_CONFIG), "--sizes", "64", "--precisions", "fp32,bf16", "--repeats", "1"]
+    assert bench.main([*argv, "--rows", "text,unet,vae,reuse,tome", "--vs", "diffusers", "--threads", "1"]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    names = {
+        "text encode (batch 2)",
+        "UNet 64x64, guidance (batch 2)",
+        "UNet 64x64, shallow call of --deepcache (batch 2)",
+        "UNet 64x64, guidance, --tome 0.5 (batch 2)",
+        "VAE decode 64x64 (batch 1)",
+        "whole image 64x64, 20 steps (sum of the rows above)",
+    }
+    assert {what for _, what in rows} == names
+    for (precision, what), cells in rows.items():
+        assert number(cells[0]) > 0, (precision, what)  # ours was timed
+        if "--deepcache" not in what and "--tome" not in what:
+            assert number(cells[1]) > 0, (precision, what)  # and diffusers beside it
+    # The same weights and inputs in both libraries: float32 outputs agree to rounding, the UNet's bit for bit.
+    for what, tol in (("text encode (batch 2)", 1e-5), ("UNet 64x64, guidance (batch 2)", 0.0),
+                      ("VAE decode 64x64 (batch 1)", 1e-5)):  # fmt: skip
+        assert number(rows[("fp32", what)][3]) <= tol, what
+    # bf16 really ran in 16 bits (an error against float32), and stays close.
+    ours_err = number(rows[("bf16", "UNet 64x64, guidance (batch 2)")][4].split("/")[0])
+    assert 1e-4 < ours_err < 5e-2
