@@ -220,6 +220,17 @@ def conditioning(
     return model.get_learned_conditioning(list(prompts)), uncond
 
 
+def encode_all_then_free(
+    model, batches: Sequence[Sequence[str]], negative_prompt: str | Sequence[Sequence[str]], s: SampleSettings
+) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """--low_memory: free the VAE encoder, encode every batch's prompts, then free the text encoder. Encoding
+    draws no random numbers, so doing it first changes no image."""
+    free_weights(model, model.first_stage_model.encoder)
+    encoded = [conditioning(model, p, _negatives_for(negative_prompt, b, len(p)), s) for b, p in enumerate(batches)]
+    free_weights(model, model.cond_stage_model)
+    return encoded
+
+
 def _negatives_for(negative_prompt: str | Sequence[Sequence[str]], b: int, n: int) -> list[str]:
     if isinstance(negative_prompt, str):
         return n * [negative_prompt]
@@ -257,13 +268,7 @@ def generate(
     solver_noise = torch.Generator(device=device).manual_seed(s.seed)
     start_code = torch.randn((s.n_samples, *s.latent_shape), device=device) if s.fixed_code else None
     with runtime.autocast():
-        encoded = None
-        if low_memory:  # encoding draws no random numbers, so doing it first changes no image
-            free_weights(model, model.first_stage_model.encoder)
-            encoded = [
-                conditioning(model, p, _negatives_for(negative_prompt, b, len(p)), s) for b, p in enumerate(batches)
-            ]
-            free_weights(model, model.cond_stage_model)
+        encoded = encode_all_then_free(model, batches, negative_prompt, s) if low_memory else None
         for it in range(s.n_iter):
             for b, prompts in enumerate(batches):
                 n = len(prompts)

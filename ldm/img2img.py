@@ -33,6 +33,7 @@ from ldm.generate import (
     check_sampler,
     conditioning,
     decode,
+    encode_all_then_free,
     free_weights,
     latent_tile,
     nan_hint,
@@ -147,11 +148,7 @@ def generate_img2img(
         elif mask is not None:
             m = latent_mask(mask.to(device, z_init.dtype), z_init.shape[-2:])
         schedule = DDIMSchedule.make(model.alphas_cumprod, s.steps, s.eta).to(device)
-        encoded = None
-        if low_memory:
-            free_weights(model, model.first_stage_model.encoder)
-            encoded = [conditioning(model, p, len(p) * [negative_prompt], s) for p in batches]
-            free_weights(model, model.cond_stage_model)
+        encoded = encode_all_then_free(model, batches, negative_prompt, s) if low_memory else None
         for it in range(s.n_iter):
             for b, prompts in enumerate(batches):
                 n = len(prompts)

@@ -493,6 +493,14 @@ def time_rows(precision: str, ours: nn.Module, theirs: Theirs | None, c: Context
     g = torch.Generator().manual_seed(args.seed + 1)
     params = c.config["model"]["params"]
     context_dim, channels = params["unet_config"]["params"]["context_dim"], params["channels"]
+
+    def unet_inputs(h: int, w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(latents, timesteps, context) of one guided call, the next draws from `g`; the same latents for
+        cond and uncond."""
+        x1 = torch.randn(1, channels, h, w, generator=g)
+        x = torch.cat([x1, x1]).to(device=device, dtype=input_dtype)
+        ctx = torch.randn(2, 77, context_dim, generator=g).to(device=device, dtype=input_dtype)
+        return x, torch.full((2,), TIMESTEP, dtype=torch.int64, device=device), ctx
     if "text" in args.rows:
         tokens = ours.cond_stage_model.tokenize(PROMPTS).to(device)
         add(
@@ -505,10 +513,7 @@ def time_rows(precision: str, ours: nn.Module, theirs: Theirs | None, c: Context
     for size in args.sizes:
         h, w = size[0] // 8, size[1] // 8
         if "unet" in args.rows:
-            x1 = torch.randn(1, channels, h, w, generator=g)
-            x = torch.cat([x1, x1]).to(device=device, dtype=input_dtype)  # the same latents for cond and uncond
-            ctx = torch.randn(2, 77, context_dim, generator=g).to(device=device, dtype=input_dtype)
-            t = torch.full((2,), TIMESTEP, dtype=torch.int64, device=device)
+            x, t, ctx = unet_inputs(h, w)
             add(
                 f"UNet {size_name(size)}, guidance (batch 2)",
                 f"unet{size}",
@@ -518,10 +523,7 @@ def time_rows(precision: str, ours: nn.Module, theirs: Theirs | None, c: Context
                 else None,
             )
         if "reuse" in args.rows:
-            x1 = torch.randn(1, channels, h, w, generator=g)
-            x = torch.cat([x1, x1]).to(device=device, dtype=input_dtype)
-            ctx = torch.randn(2, 77, context_dim, generator=g).to(device=device, dtype=input_dtype)
-            t = torch.full((2,), TIMESTEP, dtype=torch.int64, device=device)
+            x, t, ctx = unet_inputs(h, w)
             unet = ours.model.diffusion_model
             # The row's warm-up call runs in full and keeps the deep feature; every timed call is then shallow.
             unet.feature_reuse = FeatureReuse(interval=2**62)
@@ -534,10 +536,7 @@ def time_rows(precision: str, ours: nn.Module, theirs: Theirs | None, c: Context
             )
             unet.feature_reuse = None
         if "tome" in args.rows:
-            x1 = torch.randn(1, channels, h, w, generator=g)
-            x = torch.cat([x1, x1]).to(device=device, dtype=input_dtype)
-            ctx = torch.randn(2, 77, context_dim, generator=g).to(device=device, dtype=input_dtype)
-            t = torch.full((2,), TIMESTEP, dtype=torch.int64, device=device)
+            x, t, ctx = unet_inputs(h, w)
             with merge_tokens(ours, args.tome):
                 add(
                     f"UNet {size_name(size)}, guidance, --tome {args.tome:g} (batch 2)",

@@ -73,56 +73,49 @@ def build(per_digit: int, steps: int, seed: int) -> str:
     ])
 
 
-def deepcache_table(per_digit: int, steps: int, seed: int) -> str:
-    """Prompt adherence and change of the pixels against full UNet calls, for --deepcache intervals."""
+def sweep(per_digit: int, steps: int, seed: int, option: str, values) -> tuple[float, list[tuple]]:
+    """(guidance scale, rows): per value of the `sample_digits` keyword `option`, (value, prompt adherence, mean
+    change of the pixels in levels of 255 against the first value's samples, seconds)."""
     model, runtime, scale, classifier = load_demo()
-    rows, full = [], None
-    for interval in (1, 2, 3, 4, 5):
+    rows, first = [], None
+    for value in values:
         t0 = time.time()
         samples = sample_digits(model, runtime, sampler="dpmpp_2m", steps=steps, scale=scale, per_digit=per_digit,
-                                seed=seed, reuse_interval=interval)
+                                seed=seed, **{option: value})
         seconds = time.time() - t0
-        full = samples.images if full is None else full
-        diff = (samples.images - full).abs().mean().item() / 2 * 255  # images in [-1, 1]: mean levels of 255
-        calls = -(-steps // interval)
-        rows.append(f"| {interval} | {calls} of {steps} | {100 * adherence(classifier, samples):.0f}% | {diff:.1f} | "
-                    f"{seconds:.1f} |")
+        first = samples.images if first is None else first
+        diff = (samples.images - first).abs().mean().item() / 2 * 255  # images in [-1, 1]: mean levels of 255
+        rows.append((value, adherence(classifier, samples), diff, seconds))
         print(rows[-1], file=sys.stderr)
+    return scale, rows
+
+
+def table(title_cells: list[str], lines: list[str], per_digit: int, steps: int, seed: int, scale: float) -> str:
     return "\n".join([
         f"dpmpp_2m, {steps} steps, guidance scale {scale:g}, seed {seed}, {10 * per_digit} samples "
         f"({per_digit} of each digit):",
         "",
-        f"| --deepcache | full UNet calls | labelled as prompted | mean change, levels of 255 | seconds "
-        f"({torch.get_num_threads()} thread(s)) |",
-        "|---|---|---|---|---|",
-        *rows,
+        "| " + " | ".join([*title_cells, f"seconds ({torch.get_num_threads()} thread(s))"]) + " |",
+        "|" + "---|" * (len(title_cells) + 1),
+        *lines,
         "",
     ])
+
+
+def deepcache_table(per_digit: int, steps: int, seed: int) -> str:
+    """Prompt adherence and change of the pixels against full UNet calls, for --deepcache intervals."""
+    scale, rows = sweep(per_digit, steps, seed, "reuse_interval", (1, 2, 3, 4, 5))
+    lines = [f"| {n} | {-(-steps // n)} of {steps} | {100 * acc:.0f}% | {diff:.1f} | {sec:.1f} |"
+             for n, acc, diff, sec in rows]
+    head = ["--deepcache", "full UNet calls", "labelled as prompted", "mean change, levels of 255"]
+    return table(head, lines, per_digit, steps, seed, scale)
 
 
 def tome_table(per_digit: int, steps: int, seed: int) -> str:
     """Prompt adherence and change of the pixels against no merging, for --tome ratios."""
-    model, runtime, scale, classifier = load_demo()
-    rows, plain = [], None
-    for ratio in (0.0, 0.3, 0.5, 0.7):
-        t0 = time.time()
-        samples = sample_digits(model, runtime, sampler="dpmpp_2m", steps=steps, scale=scale, per_digit=per_digit,
-                                seed=seed, token_merge=ratio)
-        seconds = time.time() - t0
-        plain = samples.images if plain is None else plain
-        diff = (samples.images - plain).abs().mean().item() / 2 * 255
-        rows.append(f"| {ratio:g} | {100 * adherence(classifier, samples):.0f}% | {diff:.1f} | {seconds:.1f} |")
-        print(rows[-1], file=sys.stderr)
-    return "\n".join([
-        f"dpmpp_2m, {steps} steps, guidance scale {scale:g}, seed {seed}, {10 * per_digit} samples "
-        f"({per_digit} of each digit):",
-        "",
-        f"| --tome | labelled as prompted | mean change, levels of 255 | "
-        f"seconds ({torch.get_num_threads()} thread(s)) |",
-        "|---|---|---|---|",
-        *rows,
-        "",
-    ])
+    scale, rows = sweep(per_digit, steps, seed, "token_merge", (0.0, 0.3, 0.5, 0.7))
+    lines = [f"| {r:g} | {100 * acc:.0f}% | {diff:.1f} | {sec:.1f} |" for r, acc, diff, sec in rows]
+    return table(["--tome", "labelled as prompted", "mean change, levels of 255"], lines, per_digit, steps, seed, scale)
 
 
 def write_section(path: str, section: str) -> None:
