@@ -20,6 +20,7 @@ from torch import nn
 from ldm.checkpoint_io import CheckpointError, read_state_dict
 from ldm.mapped_file import MappedFile
 from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS
+from ldm.modules.packed_conv import pack_convolutions
 from ldm.modules.weight_cast import compute_in
 from ldm.runtime import Runtime
 from ldm.util import instantiate_from_config
@@ -147,6 +148,8 @@ def build_model(
     model.eval().requires_grad_(False)
     if runtime.casts_weights:
         compute_in(model, runtime.compute_dtype)
+    if runtime.packs_convolutions:
+        pack_convolutions(model, release)
     if runtime.compile:
         compile_unet(model, runtime)
     return model, report

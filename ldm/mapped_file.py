@@ -47,7 +47,7 @@ class MappedFile:
 
     def release(self, t: torch.Tensor) -> int:
         """Drop the whole pages under `t` if they are mapped from the file; returns the bytes released."""
-        if not self.ranges or t.device.type != "cpu" or not t.is_contiguous():
+        if not self.ranges or t.device.type != "cpu" or t.is_mkldnn or not t.is_contiguous():
             return 0
         start = t.data_ptr()
         end = start + t.numel() * t.element_size()

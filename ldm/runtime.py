@@ -69,6 +69,13 @@ class Runtime:
         """True when layers keep 16-bit weights but compute in another dtype (float32)."""
         return self.compute_dtype is not None and self.compute_dtype != self.weight_dtype
 
+    @property
+    def packs_convolutions(self) -> bool:
+        """Convolution weights packed once for oneDNN (ldm.modules.packed_conv): on a CPU in NHWC, where it gives
+        the eager NHWC bits faster. Not under compile (its freezing packs them) nor when weights are cast per
+        call (their dtype changes at every call)."""
+        return self.device.type == "cpu" and self.channels_last and not self.compile and not self.casts_weights
+
     def autocast(self) -> contextlib.AbstractContextManager:
         dtype = self.autocast_dtype
         return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
