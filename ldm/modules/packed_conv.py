@@ -71,7 +71,11 @@ class PackedConv2d(nn.Conv2d):
         self.__class__ = nn.Conv2d
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
-        # .to(), .float(), .to("meta")...: oneDNN tensors support none of them; act on the plain weight.
+        # .to(), .float(), .to("meta")...: oneDNN tensors support none of them; act on the plain weight. To
+        # "meta" (free_weights) the values are not needed: skip unpacking them (a reorder of every weight).
+        w = self.weight
+        if w.is_mkldnn and fn(torch.empty(0, dtype=w.dtype)).is_meta:
+            self.weight = nn.Parameter(torch.empty(w.shape, dtype=w.dtype, device="meta"), requires_grad=False)
         self.unpack()
         return nn.Conv2d._apply(self, fn, recurse)
 
