@@ -87,6 +87,8 @@ class Runtime:
             text += f" (this CPU has no fast {weights} arithmetic)"
         if self.channels_last:
             text += ", channels last"
+        if self.packs_convolutions:
+            text += " (convolution weights packed for oneDNN)"
         if self.compile:
             text += ", UNet compiled"
         return text

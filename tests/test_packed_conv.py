@@ -137,6 +137,8 @@ def test_policy_packs_only_eager_nhwc_on_a_cpu(monkeypatch):
     cpu = {"runtime": {"device": "cpu"}}
     assert resolve_runtime(cpu, precision="bf16").packs_convolutions  # auto NHWC
     assert resolve_runtime(cpu, precision="full", channels_last=True).packs_convolutions
+    assert "packed" in resolve_runtime(cpu, precision="bf16").describe()  # what the CLI prints at start
+    assert "packed" not in resolve_runtime(cpu, precision="full").describe()
     assert not resolve_runtime(cpu, precision="full").packs_convolutions  # the original's layout and bits
     assert not resolve_runtime(cpu, precision="bf16", channels_last=False).packs_convolutions
     assert not resolve_runtime(cpu, precision="bf16", compile=True).packs_convolutions  # freezing packs
