@@ -20,6 +20,7 @@ from torch import nn
 from ldm.checkpoint_io import CheckpointError, read_state_dict
 from ldm.mapped_file import MappedFile
 from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS
+from ldm.modules.fused_epilogues import fuse_epilogues
 from ldm.modules.packed_conv import pack_convolutions
 from ldm.modules.weight_cast import compute_in
 from ldm.runtime import Runtime
@@ -150,6 +151,11 @@ def build_model(
         compute_in(model, runtime.compute_dtype)
     if runtime.packs_convolutions:
         pack_convolutions(model, release)
+    if runtime.fuses_epilogues:
+        fuse_epilogues(model)
+    unet = getattr(getattr(model, "model", None), "diffusion_model", None)
+    if unet is not None and hasattr(unet, "shares_guidance_prefix"):
+        unet.shares_guidance_prefix = runtime.shares_guidance_prefix
     if runtime.compile:
         compile_unet(model, runtime)
     return model, report

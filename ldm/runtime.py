@@ -76,6 +76,19 @@ class Runtime:
         call (their dtype changes at every call)."""
         return self.device.type == "cpu" and self.channels_last and not self.compile and not self.casts_weights
 
+    @property
+    def fuses_epilogues(self) -> bool:
+        """Elementwise work folded into the preceding products (ldm.modules.fused_epilogues): with packed
+        convolutions in bf16, where it is faster and at least as close to float32."""
+        return self.packs_convolutions and self.arithmetic_dtype == torch.bfloat16
+
+    @property
+    def shares_guidance_prefix(self) -> bool:
+        """A guidance batch's identical halves run once up to the first cross-attention (UNetModel.forward).
+        Batch-1 kernels may round differently from batch-2 ones, so not in float32 (the original's bits);
+        measured on CPUs, where it is on with bf16. Not compiled: the check would break the graph."""
+        return self.device.type == "cpu" and self.arithmetic_dtype == torch.bfloat16 and not self.compile
+
     def autocast(self) -> contextlib.AbstractContextManager:
         dtype = self.autocast_dtype
         return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
@@ -88,7 +101,10 @@ class Runtime:
         if self.channels_last:
             text += ", channels last"
         if self.packs_convolutions:
-            text += " (convolution weights packed for oneDNN)"
+            text += " (convolution weights packed for oneDNN"
+            text += ", elementwise work fused into them)" if self.fuses_epilogues else ")"
+        if self.shares_guidance_prefix:
+            text += ", guidance halves shared to the first cross-attention"
         if self.compile:
             text += ", UNet compiled"
         return text

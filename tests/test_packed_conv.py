@@ -9,6 +9,7 @@ from torch import nn
 
 from ldm.generate import SampleSettings, generate
 from ldm.load import load_model
+from ldm.modules.fused_epilogues import unfuse_epilogues
 from ldm.modules.packed_conv import PackedConv2d, pack_convolutions, packable, unpack_convolutions
 from ldm.runtime import Runtime, resolve_runtime
 
@@ -158,6 +159,9 @@ def test_whole_model_same_picture_as_eager_nhwc(tiny_config, tiny_ckpt, dtype):
     assert convs and all(type(m) is PackedConv2d for m in convs)
     plain = load_model(tiny_config, tiny_ckpt, runtime, verbose=False)
     assert unpack_convolutions(plain) == len(convs)
+    for model in (packed, plain):  # packing alone (the bf16 fusions change bits: tests/test_fused_epilogues.py)
+        unfuse_epilogues(model)
+        model.model.diffusion_model.shares_guidance_prefix = False
     (a,) = generate(packed, [["a red cube", "a blue ball"]], s, runtime, progress=False)
     vae = packed.first_stage_model
     decoding = (packed.model.diffusion_model, vae.decoder, vae.post_quant_conv)

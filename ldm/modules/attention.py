@@ -52,6 +52,10 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        return self.to_out(self.attend(x, context))
+
+    def attend(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """The heads' outputs side by side, before the output projection."""
         context = x if context is None else context
         b, n, _ = x.shape
         h = self.heads
@@ -59,7 +63,13 @@ class CrossAttention(nn.Module):
         k = self.to_k(context).view(b, context.shape[1], h, -1).transpose(1, 2)
         v = self.to_v(context).view(b, context.shape[1], h, -1).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v)
-        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+        return out.transpose(1, 2).reshape(b, n, -1)
+
+
+def repeat_to_batch(x: torch.Tensor, n: int) -> torch.Tensor:
+    """`x` repeated to batch `n`: the UNet runs a guidance batch's identical halves as one until its first
+    cross-attention, where the two contexts part them (UNetModel.shares_guidance_prefix)."""
+    return x if x.shape[0] >= n else torch.cat([x] * (n // x.shape[0]))  # cat keeps channels-last
 
 
 class BasicTransformerBlock(nn.Module):
@@ -75,6 +85,7 @@ class BasicTransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, merge: Merge | None = None) -> torch.Tensor:
         h = self.norm1(x)
         x = x + (self.attn1(h) if merge is None else merge.unmerge(self.attn1(merge.merge(h))))
+        x = x if context is None else repeat_to_batch(x, context.shape[0])
         x = x + self.attn2(self.norm2(x), context=context)
         return x + self.ff(self.norm3(x))
 
@@ -105,11 +116,15 @@ class SpatialTransformer(nn.Module):
         self.proj_out = nn.Conv2d(inner, in_channels, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.transform(x, context)
+        return repeat_to_batch(x, y.shape[0]) + self.proj_out(y)
+
+    def transform(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """The transformer blocks' output as a feature map, before the output projection."""
         b, c, h, w = x.shape
         y = self.proj_in(self.norm(x))
         y = y.flatten(2).transpose(1, 2)
         for block in self.transformer_blocks:
             merge = bipartite_merge(y, h, w, self.token_merge_ratio) if self.token_merge_ratio else None
             y = block(y, context=context, merge=merge)
-        y = y.transpose(1, 2).reshape(b, -1, h, w)
-        return x + self.proj_out(y)
+        return y.transpose(1, 2).reshape(y.shape[0], -1, h, w)  # the batch may have grown (repeat_to_batch)

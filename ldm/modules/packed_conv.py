@@ -36,12 +36,21 @@ class PackedConv2d(nn.Conv2d):
     """An `nn.Conv2d` whose weight is packed for oneDNN; made by `pack_convolutions`, not constructed."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fused(x)
+
+    def fused(self, x: torch.Tensor, bias: torch.Tensor | None = None, add: torch.Tensor | None = None) -> torch.Tensor:
+        """The convolution, with `bias` instead of its own and `add` (shaped as the output) added to the float32
+        accumulator: one rounding to the output dtype instead of one per step (ldm.modules.fused_epilogues)."""
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError("a packed convolution is for inference: it has no backward (unpack_convolutions)")
         if not self.weight.is_mkldnn or self.packed_for != x.shape:
             self._pack(x.shape)
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups, "none", [], ""
+        bias = self.bias if bias is None else bias
+        geometry = (self.padding, self.stride, self.dilation, self.groups)
+        if add is None:
+            return torch.ops.mkldnn._convolution_pointwise(x, self.weight, bias, *geometry, "none", [], "")
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            x, add, self.weight, bias, *geometry, "add", 1.0, None, [], None
         )
 
     def _pack(self, input_size: torch.Size) -> None:

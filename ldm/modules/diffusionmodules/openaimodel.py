@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.feature_reuse import FeatureReuse
-from ldm.modules.attention import SpatialTransformer
+from ldm.modules.attention import SpatialTransformer, repeat_to_batch
 from ldm.modules.weight_cast import compute_dtype
 
 
@@ -197,6 +197,9 @@ class UNetModel(nn.Module):
 
         self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(model_channels, out_channels, 3, padding=1))
         self.feature_reuse: FeatureReuse | None = None  # set by ldm.feature_reuse.reuse_features
+        # Run a guidance batch's two identical halves once up to the first cross-attention (`forward`); set
+        # by ldm.load where it pays and may change the last bits (ldm.runtime.Runtime.shares_guidance_prefix).
+        self.shares_guidance_prefix = False
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         dtype = compute_dtype(self)
@@ -207,12 +210,17 @@ class UNetModel(nn.Module):
         n = len(self.output_blocks)
         # A shallow call (feature reuse, see ldm.feature_reuse) runs only the outer depth + 1 blocks of each half.
         outer = len(self.input_blocks) if full else reuse.depth + 1
+        if self.shares_guidance_prefix and _identical_halves(h, timesteps):
+            # Classifier-free guidance stacks the same latents twice, for two contexts. Until a cross-attention
+            # meets the context the halves compute the same thing: run one (blocks take `emb` at the batch of
+            # their input; BasicTransformerBlock repeats it at its cross-attention).
+            h = h[: h.shape[0] // 2]
         skips = []
         for block in self.input_blocks[:outer]:
-            h = block(h, emb, context)
+            h = block(h, emb[: h.shape[0]], context)
             skips.append(h)
         if full:
-            h = self.middle_block(h, emb, context)
+            h = self.middle_block(h, emb[: h.shape[0]], context)
         for i in range(n - len(skips), n):
             if reuse is not None and i == n - 1 - reuse.depth:  # where the kept deep feature enters
                 if full:
@@ -220,6 +228,17 @@ class UNetModel(nn.Module):
                 else:
                     h = reuse.cached
             block = self.output_blocks[i]
-            h = torch.cat([h, skips.pop()], dim=1)
-            h = block(h, emb, context, out_size=skips[-1].shape[-2:] if skips else None)
-        return self.out(h).type(x.dtype)
+            skip = skips.pop()
+            h, skip = repeat_to_batch(h, skip.shape[0]), repeat_to_batch(skip, h.shape[0])
+            h = torch.cat([h, skip], dim=1)
+            h = block(h, emb[: h.shape[0]], context, out_size=skips[-1].shape[-2:] if skips else None)
+        return self.out(repeat_to_batch(h, x.shape[0])).type(x.dtype)
+
+
+def _identical_halves(x: torch.Tensor, timesteps: torch.Tensor) -> bool:
+    n = x.shape[0]
+    if n % 2 or n == 0:
+        return False
+    half = n // 2
+    return torch.equal(timesteps[:half], timesteps[half:]) and torch.equal(x[:half], x[half:])
+
