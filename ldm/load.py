@@ -164,15 +164,21 @@ def build_model(
 def compile_unet(model: nn.Module, runtime: Runtime) -> None:
     """torch.compile the UNet, the one part called at every step; `Module.compile` keeps the state-dict keys.
 
-    Compiling happens at the first call (tens of seconds at full size), so it pays over many steps or images.
-    On a CPU, inductor's freezing folds the frozen weights into oneDNN's packed layouts: that is where the
-    measured gain is (docs/performance.md), at the cost of a packed copy of the UNet's weights."""
+    Compiling happens at the first call (a minute or more at full size). On a CPU, inductor's freezing folds the
+    frozen weights into oneDNN's packed layouts, at the cost of a packed copy of the UNet's weights; the eager
+    path now packs and fuses as much by hand, so there compiling measured no faster (docs/performance.md)."""
     if runtime.device.type == "cpu":
-        import torch._inductor.config as inductor_config
+        freeze_compiled_weights()
+    model.model.diffusion_model.compile(mode=runtime.compile_mode)
 
-        # Process-wide: passed as a torch.compile option it is not applied (measured: no packed copy, no gain).
-        inductor_config.freezing = True
-    model.model.diffusion_model.compile()
+
+def freeze_compiled_weights() -> None:
+    """Inductor's freezing: compiled CPU code treats weights as constants and packs them for oneDNN.
+
+    Process-wide: passed as a torch.compile option it is not applied (measured: no packed copy, no gain)."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True
 
 
 def load_model(

@@ -43,6 +43,8 @@ class Runtime:
     channels_last: bool = False
     # torch.compile the UNet (ldm.load.compile_unet): faster steps after a compile in each new process.
     compile: bool = False
+    # Its torch.compile mode (None: torch's default); e.g. "reduce-overhead" adds CUDA graphs on a GPU.
+    compile_mode: str | None = None
 
     @property
     def memory_format(self) -> torch.memory_format:

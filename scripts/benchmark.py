@@ -16,6 +16,13 @@ progress to stderr.
 
     python scripts/benchmark.py --sizes 256,512 --precisions fp32,bf16 --vs diffusers --repeats 3
     python scripts/benchmark.py --device cuda --precisions fp16 --sizes 512 --vs diffusers --steps 50
+    python scripts/benchmark.py --device cuda --precisions fp16 --sizes 512 --vs diffusers --steps 50 \
+        --rows unet --compile max-autotune
+
+`--compile [MODE]` compiles both UNets (ours and diffusers') with torch.compile in the same mode, and on a CPU
+with inductor's weight freezing for both, so compiled is compared with compiled (`--compile_side` compiles one
+side only: ours eager against diffusers compiled, say); the warm-up call compiles, and its time is reported
+beside the table. Text encoder and VAE stay eager on both sides.
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT))
 
 from ldm.feature_reuse import FeatureReuse  # noqa: E402
-from ldm.load import OPTIONAL_KEYS, build_model, load_config  # noqa: E402
+from ldm.load import OPTIONAL_KEYS, build_model, freeze_compiled_weights, load_config  # noqa: E402
 from ldm.mapped_file import trim_heap  # noqa: E402
 from ldm.runtime import Runtime  # noqa: E402
 from ldm.token_merge import merge_tokens  # noqa: E402
@@ -59,6 +66,8 @@ DEFAULT_CONFIG = ROOT / "configs" / "stable-diffusion" / "v1-inference-cpu.yaml"
 PROMPTS = ["a photograph of an astronaut riding a horse", ""]  # cond + uncond, as guidance encodes them
 TIMESTEP = 500
 GIB = 1024**3
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_SIDES = {"both": "both sides", "ours": "ours only (diffusers eager)", "theirs": "diffusers' only (ours eager)"}
 
 # name -> (weight dtype, autocast dtype or None, compute dtype or None: layers compute in it from their weights)
 PRECISIONS: dict[str, tuple[torch.dtype, torch.dtype | None, torch.dtype | None]] = {
@@ -310,6 +319,7 @@ def release_freed_memory() -> None:
 class Measured:
     seconds: list[float] = field(default_factory=list)
     extra_bytes: float = 0.0  # peak during a call minus what was in use just before it, max over calls
+    warmup: float | None = None  # seconds of the untimed first call (with --compile: compiling included)
     output: torch.Tensor | None = None
     error: str | None = None  # the call raised: this model cannot run this row (reported, not fatal)
 
@@ -342,6 +352,8 @@ def measure(
         out[name].output = y.detach().float().cpu()
         if keep:
             out[name].seconds.append(seconds)
+        else:
+            out[name].warmup = seconds
         del y
 
     for name in names:
@@ -423,10 +435,17 @@ def run_precision(precision: str, c: Context) -> list[Row]:
     weight_dtype, _, compute = PRECISIONS[precision]
     source = f"--ckpt {c.args.ckpt}" if c.args.ckpt else f"random weights, seed {c.args.seed}"
     runtime = Runtime(
-        device=c.device, weight_dtype=weight_dtype, compute_dtype=compute, channels_last=c.args.channels_last
+        device=c.device,
+        weight_dtype=weight_dtype,
+        compute_dtype=compute,
+        channels_last=c.args.channels_last,
+        compile=c.args.compile is not None and c.args.compile_side in ("both", "ours"),
+        compile_mode=c.args.compile,
     )
     if c.args.channels_last:
         source += ", channels last"
+    if runtime.compile:
+        source += f", UNet compiled ({c.args.compile})"
     with phase(c.phases, f"{precision}: build ours ({source})", c.memory):
         ours = build_ours(c.config, c.args, runtime)
     theirs = None
@@ -440,6 +459,8 @@ def run_precision(precision: str, c: Context) -> list[Row]:
             if c.args.channels_last:  # diffusers' documented speed-up, the same layout as ours
                 for module in (theirs.unet, theirs.vae):
                     module.to(memory_format=torch.channels_last)
+            if c.args.compile and c.args.compile_side in ("both", "theirs"):  # the same mode as ours
+                theirs.unet.compile(mode=c.args.compile)
     rows = time_rows(precision, ours, theirs, c)
     del ours, theirs
     with phase(c.phases, f"{precision}: models freed", c.memory):
@@ -616,6 +637,13 @@ def report(
         "",
         f"Seconds: median of {args.repeats} after 1 warm-up"
         + (", ours and diffusers alternating (ABBA)" if vs else "")
+        + (
+            f"; UNet compiled with torch.compile, mode {args.compile}"
+            + (" (inductor freezing on)" if device.type == "cpu" else "")
+            + (f", {COMPILE_SIDES[args.compile_side]}" if vs else "")
+            if args.compile
+            else ""
+        )
         + (" (CUDA events)" if device.type == "cuda" else " (wall clock)")
         + f". Memory: the most the {gib} grew during one call, over what was in use before it "
         + (
@@ -635,6 +663,12 @@ def report(
     ]
     out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     notes = sorted({f"{r.what}: {r.note}" for r in rows if r.note})
+    if args.compile:
+        for r in rows:
+            if r.what.startswith("UNet "):
+                first = [f"{who} {m.warmup:.1f} s" for who, m in (("ours", r.ours), ("diffusers", r.theirs))
+                         if m is not None and m.warmup is not None]  # fmt: skip
+                notes.append(f"{r.precision} {r.what}: first call, compiling included: {', '.join(first)}")
     for r in rows:
         for who, m in (("ours", r.ours), ("diffusers", r.theirs)):
             if m is not None and m.error:
@@ -724,6 +758,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--channels_last", action="store_true", help="NHWC convolution weights, ours and diffusers' alike"
     )
     p.add_argument("--steps", type=int, default=20, help="UNet steps in the whole-image estimate (default 20)")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        choices=COMPILE_MODES,
+        help="torch.compile the UNet, ours and diffusers' alike, in this mode (default: torch's default mode); "
+        "reduce-overhead and max-autotune add CUDA graphs on a GPU",
+    )
+    p.add_argument(
+        "--compile_side",
+        choices=tuple(COMPILE_SIDES),
+        default="both",
+        help="with --compile: whose UNet to compile (default both)",
+    )
     args = p.parse_args(argv)
     try:
         args.sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
@@ -742,6 +790,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.rows = {r.strip() for r in args.rows.split(",") if r.strip()}
     if not args.rows or args.rows - {"text", "unet", "vae", "reuse", "tome"}:
         p.error("--rows: choose from text, unet, vae, reuse, tome")
+    if args.compile and args.rows & {"reuse", "tome"}:
+        p.error("--compile: the reuse and tome rows change the UNet between calls; leave them out")
     if not 0.0 <= args.tome < 1.0:
         p.error(f"--tome must be in [0, 1), got {args.tome}")
     if args.repeats < 1:
@@ -763,6 +813,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu" and any(q.startswith("fp16") for q in args.precisions):
         log("[benchmark] note: float16 on a CPU is mostly emulated; expect it to be slow")
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+    if args.compile and device.type == "cpu":
+        freeze_compiled_weights()  # for whichever side compiles, ours through compile_unet or diffusers'
     config = load_config(args.config)
     c = Context(args, config, device, Memory(device), [])
     rows: list[Row] = []

@@ -59,3 +59,35 @@ def test_tiny_run_against_diffusers(capsys, monkeypatch):
     # bf16 really ran in 16 bits (an error against float32), and stays close.
     ours_err = number(rows[("bf16", "UNet 64x64, guidance (batch 2)")][4].split("/")[0])
     assert 1e-4 < ours_err < 5e-2
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_compile_compiles_both_unets_in_one_mode(capsys, monkeypatch):
+    """--compile MODE reaches ours (through the runtime policy's compile_unet) and diffusers' UNet alike, and
+    nothing else; the real compiled path is tests/test_compile.py's, so compiling is recorded here, not run."""
+    pytest.importorskip("diffusers")
+    import torch
+
+    bench = load_benchmark(monkeypatch)
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compiled.append((type(self).__name__, kw)))
+    argv = ["--config", str(TINY_CONFIG), "--sizes", "64", "--precisions", "fp32", "--repeats", "1", "--threads", "1"]
+    assert bench.main([*argv, "--rows", "unet", "--vs", "diffusers", "--compile", "max-autotune"]) == 0
+    out = capsys.readouterr().out
+    assert sorted(compiled) == [
+        ("UNet2DConditionModel", {"mode": "max-autotune"}),
+        ("UNetModel", {"mode": "max-autotune"}),
+    ]
+    assert re.search(r"UNet compiled with torch.compile, mode max-autotune( \(inductor freezing on\))?, both", out)
+    assert re.search(r"first call, compiling included: ours [0-9.]+ s, diffusers [0-9.]+ s", out)
+
+    compiled.clear()
+    assert bench.main([*argv, "--rows", "unet", "--compile"]) == 0
+    assert compiled == [("UNetModel", {"mode": "default"})]
+    compiled.clear()
+    assert bench.main([*argv, "--rows", "unet", "--vs", "diffusers", "--compile", "--compile_side", "theirs"]) == 0
+    assert compiled == [("UNet2DConditionModel", {"mode": "default"})]
+    assert "diffusers' only (ours eager)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # the ours-only rows change the UNet between calls
+        bench.parse_args([*argv, "--rows", "unet,reuse", "--compile"])
+    assert "leave them out" in capsys.readouterr().err

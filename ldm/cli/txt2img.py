@@ -117,9 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile",
         action="store_true",
         default=None,
-        help="torch.compile the UNet: faster steps after a compile of tens of seconds in each new process, so "
-        "it pays over many steps or images; needs a C++ compiler on a CPU (default: the config's "
-        "runtime.compile)",
+        help="torch.compile the UNet, after a compile of a minute or more in each new process; meant for GPUs: "
+        "on a CPU the default path measured as fast or faster (docs/performance.md), and compiling needs a C++ "
+        "compiler there (default: the config's runtime.compile)",
     )
     p.add_argument(
         "--vae_tile",
