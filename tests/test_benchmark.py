@@ -91,3 +91,37 @@ def test_compile_compiles_both_unets_in_one_mode(capsys, monkeypatch):
     with pytest.raises(SystemExit):  # the ours-only rows change the UNet between calls
         bench.parse_args([*argv, "--rows", "unet,reuse", "--compile"])
     assert "leave them out" in capsys.readouterr().err
+
+
+def test_cuda_script_runs_three_stages_and_survives_a_failure(tmp_path):
+    """scripts/benchmark_cuda.sh with a stand-in interpreter: eager, then both compile modes, the caller's flags
+    after the script's (so they win in argparse), and a stage that fails leaves the next ones running."""
+    import os
+    import stat
+    import subprocess
+
+    fake = tmp_path / "fake-python"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'echo "$@" >> "$CALLS"\n'
+        'case "$*" in *reduce-overhead*) echo "broke" >&2; exit 3;; esac\n'
+        'echo "| fp16 | UNet 512x512, guidance (batch 2) | 0.020 | 0.025 | 0.80 |"\n'
+    )
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    calls = tmp_path / "calls.txt"
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": str(fake), "CALLS": str(calls)}
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "benchmark_cuda.sh"), "out", "--repeats", "3"],  # relative to the cwd
+        env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 1  # one stage failed
+    lines = calls.read_text().splitlines()
+    assert len(lines) == 3
+    for line in lines:
+        assert line.startswith("scripts/benchmark.py --device cuda --precisions fp16 --sizes 512 --vs diffusers")
+        assert line.endswith("--repeats 3")  # the caller's flag comes last
+    assert "--compile" not in lines[0] and "--rows text,unet,vae" in lines[0]
+    assert "--compile reduce-overhead" in lines[1] and "--compile max-autotune" in lines[2]
+    assert "failed (exit 3" in proc.stdout and "broke" in proc.stdout
+    assert "0.80" in (out / "compiled-max-autotune.md").read_text()  # the stage after the failure ran
