@@ -790,6 +790,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.rows = {r.strip() for r in args.rows.split(",") if r.strip()}
     if not args.rows or args.rows - {"text", "unet", "vae", "reuse", "tome"}:
         p.error("--rows: choose from text, unet, vae, reuse, tome")
+    if args.compile_side == "theirs" and args.vs != "diffusers":
+        p.error("--compile_side theirs compiles diffusers' UNet: add --vs diffusers")
     if args.compile and args.rows & {"reuse", "tome"}:
         p.error("--compile: the reuse and tome rows change the UNet between calls; leave them out")
     if not 0.0 <= args.tome < 1.0:

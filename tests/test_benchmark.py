@@ -91,6 +91,9 @@ def test_compile_compiles_both_unets_in_one_mode(capsys, monkeypatch):
     with pytest.raises(SystemExit):  # the ours-only rows change the UNet between calls
         bench.parse_args([*argv, "--rows", "unet,reuse", "--compile"])
     assert "leave them out" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # nothing of diffusers' to compile
+        bench.parse_args([*argv, "--rows", "unet", "--compile", "--compile_side", "theirs"])
+    assert "add --vs diffusers" in capsys.readouterr().err
 
 
 def test_cuda_script_runs_three_stages_and_survives_a_failure(tmp_path):
