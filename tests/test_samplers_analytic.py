@@ -500,3 +500,32 @@ def test_dpmpp_2m_at_20_vs_original_plms_at_50_under_guidance():
         assert dpmpp < ddim and unipc < ddim
         assert 0.95 < dpmpp / plms < 2.0, (seed, dpmpp, plms)  # the documented finding: 2M@20 does not win
         assert unipc < 0.95 * plms, (seed, unipc, plms)
+
+
+def test_dpmpp_2m_at_20_vs_original_plms_at_50_on_mixtures():
+    """On the image-like mixtures (seeds 0-4, 256 start points each, errors at sigma = 0 against the RK4
+    reference): 2M@20 on Karras sigmas beats the original PLMS@50 in the median error on every seed
+    (measured 2M/PLMS 0.57-0.70), and so it does in RMS once the misses (endpoints more than 0.5 from the
+    reference: in another mixture component) are left out (0.60-0.65). Counting them, it wins in RMS
+    only on seeds 0 and 1 (0.65, 0.63; seeds 2-4 2.8-4.8x worse): 2M misses 0, 0, 2, 3, 1 of 256, the
+    original PLMS 0, 0, 0, 1, 0. See docs/samplers.md."""
+    s0 = sd_sigma_at(int(ddim_timesteps(50)[-1]))
+    rms_ratios, misses = [], []
+    for seed in range(5):
+        bed = GaussianMixtureTestbed.image_like(d=8, k=8, seed=seed)
+        x = bed.sample(256, s0, torch.Generator().manual_seed(0))
+        plms = (original_plms(bed, x, 50).double() - bed.flow(x, s0, 0.0)).norm(dim=-1)
+        x = bed.sample(256, SIGMA_MAX, torch.Generator().manual_seed(0))
+        dpmpp = (SAMPLERS["dpmpp_2m"].fn(bed.denoiser, x, karras(20)) - bed.flow(x, SIGMA_MAX, 0.0)).norm(dim=-1)
+        assert dpmpp.median() < 0.8 * plms.median(), seed
+        rms = [d.pow(2).mean().sqrt() for d in (dpmpp, plms)]
+        clean = [d[d <= 0.5].pow(2).mean().sqrt() for d in (dpmpp, plms)]
+        assert clean[0] < 0.75 * clean[1], (seed, clean)
+        rms_ratios.append((rms[0] / rms[1]).item())
+        misses.append((int((dpmpp > 0.5).sum()), int((plms > 0.5).sum())))
+    assert all(m <= 3 and p <= 1 for m, p in misses), misses
+    # the documented split: where 2M misses, its RMS loses
+    assert [r < 1 for r in rms_ratios] == [m == 0 for m, _ in misses] == [True, True, False, False, False], (
+        rms_ratios,
+        misses,
+    )
