@@ -14,6 +14,7 @@ setup(
     description="Stable Diffusion v1 latent diffusion, reimplemented: loads the original checkpoints, "
     "gives the original's images",
     packages=find_packages(include=["ldm", "ldm.*"]),
+    package_data={"ldm.native": ["*.cpp"]},  # compiled on first use (ldm/native/__init__.py)
     python_requires=">=3.10",
     install_requires=requirements(),
     entry_points={"console_scripts": ["ldm-txt2img = ldm.cli.txt2img:main", "ldm-img2img = ldm.cli.img2img:main"]},

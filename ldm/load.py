@@ -8,6 +8,7 @@ shape is an error that says what the file looks like, never a partially random m
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +18,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from ldm import native
 from ldm.checkpoint_io import CheckpointError, read_state_dict
 from ldm.mapped_file import MappedFile
 from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS
+from ldm.modules.attention import CrossAttention
 from ldm.modules.fused_epilogues import fuse_epilogues
 from ldm.modules.packed_conv import pack_convolutions
 from ldm.modules.weight_cast import compute_in
@@ -156,9 +159,26 @@ def build_model(
     unet = getattr(getattr(model, "model", None), "diffusion_model", None)
     if unet is not None and hasattr(unet, "shares_guidance_prefix"):
         unet.shares_guidance_prefix = runtime.shares_guidance_prefix
+    if runtime.native_attention:
+        use_native_attention(model)
     if runtime.compile:
         compile_unet(model, runtime)
     return model, report
+
+
+def use_native_attention(model: nn.Module) -> bool:
+    """Route the model's attention through ldm.native's bf16 kernel (PyTorch's for shapes it lacks); if the
+    kernel cannot be had here, say why once and keep PyTorch's."""
+    kernel = native.kernel()
+    if kernel.function is None:
+        warnings.warn(
+            f"attention stays PyTorch's: ldm.native's bf16 kernel is unavailable ({kernel.why_not})", stacklevel=3
+        )
+        return False
+    for module in model.modules():
+        if isinstance(module, CrossAttention):
+            module.native_attention = True
+    return True
 
 
 def compile_unet(model: nn.Module, runtime: Runtime) -> None:

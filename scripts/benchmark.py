@@ -58,7 +58,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
 from ldm.feature_reuse import FeatureReuse  # noqa: E402
 from ldm.load import OPTIONAL_KEYS, build_model, freeze_compiled_weights, load_config  # noqa: E402
 from ldm.mapped_file import trim_heap  # noqa: E402
-from ldm.runtime import Runtime  # noqa: E402
+from ldm.runtime import Runtime, cpu_prefers_native_attention  # noqa: E402
 from ldm.token_merge import merge_tokens  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 
@@ -434,16 +434,25 @@ def run_precision(precision: str, c: Context) -> list[Row]:
     """Build ours (and theirs on the same tensors), time every row, then free both before the next precision."""
     weight_dtype, _, compute = PRECISIONS[precision]
     source = f"--ckpt {c.args.ckpt}" if c.args.ckpt else f"random weights, seed {c.args.seed}"
+    compiled = c.args.compile is not None and c.args.compile_side in ("both", "ours")
     runtime = Runtime(
         device=c.device,
         weight_dtype=weight_dtype,
         compute_dtype=compute,
         channels_last=c.args.channels_last,
-        compile=c.args.compile is not None and c.args.compile_side in ("both", "ours"),
+        compile=compiled,
         compile_mode=c.args.compile,
+        # as resolve_runtime decides it for txt2img
+        native_attention=c.device.type == "cpu"
+        and (weight_dtype, compute) == (torch.bfloat16, None)
+        and not compiled
+        and not c.args.no_native_attention
+        and cpu_prefers_native_attention(),
     )
     if c.args.channels_last:
         source += ", channels last"
+    if runtime.native_attention:
+        source += ", ldm.native attention"
     if runtime.compile:
         source += f", UNet compiled ({c.args.compile})"
     with phase(c.phases, f"{precision}: build ours ({source})", c.memory):
@@ -756,6 +765,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument(
         "--channels_last", action="store_true", help="NHWC convolution weights, ours and diffusers' alike"
+    )
+    p.add_argument(
+        "--no_native_attention",
+        action="store_true",
+        help="keep PyTorch's attention kernel in our bf16 UNet where ldm.native's would be used (for an A/B run)",
     )
     p.add_argument("--steps", type=int, default=20, help="UNet steps in the whole-image estimate (default 20)")
     p.add_argument(

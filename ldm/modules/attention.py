@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm import native
 from ldm.token_merge import Merge, bipartite_merge
 
 
@@ -39,6 +40,10 @@ class FeedForward(nn.Module):
 class CrossAttention(nn.Module):
     """Multi-head attention; attends to `context` when given, else to `x` itself."""
 
+    # Set by ldm.load where ldm.runtime.Runtime.native_attention says so: bf16 attention by ldm.native's kernel
+    # for the shapes it supports, PyTorch's for the rest.
+    native_attention = False
+
     def __init__(
         self, query_dim: int, context_dim: int | None = None, heads: int = 8, dim_head: int = 64, dropout: float = 0.0
     ):
@@ -62,7 +67,10 @@ class CrossAttention(nn.Module):
         q = self.to_q(x).view(b, n, h, -1).transpose(1, 2)
         k = self.to_k(context).view(b, context.shape[1], h, -1).transpose(1, 2)
         v = self.to_v(context).view(b, context.shape[1], h, -1).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v)
+        if self.native_attention and native.supports(q, k, v):
+            out = native.attention(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
         return out.transpose(1, 2).reshape(b, n, -1)
 
 
