@@ -120,6 +120,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
         b, h, n, k.shape[2], d, strides, d**-0.5, torch.get_num_threads(),
     )  # fmt: skip
+    if rc == 2:
+        raise MemoryError("native attention: no memory for its scratch buffers")
     if rc != 0:
         raise ValueError(f"native attention refused shape q {tuple(q.shape)}, k {tuple(k.shape)}")
     return out

@@ -165,7 +165,7 @@ void head(const Args& a, int b, int h, bf16* Kp, bf16* Vp, float* S, bf16* Pb) {
 
 struct Shared {
     const Args* a;
-    std::atomic<int> next{0};
+    std::atomic<int> next{0};  // the next (batch, head) item to take
 };
 
 template <int R, int NV>
@@ -177,7 +177,9 @@ void* worker(void* arg) {
     bf16* Vp = static_cast<bf16*>(std::aligned_alloc(64, (size_t)a.Nk * DV * 2 + 64));
     float* S = static_cast<float*>(std::aligned_alloc(64, (size_t)R * KB * 4));
     bf16* Pb = static_cast<bf16*>(std::aligned_alloc(64, (size_t)R * KB * 2));
-    for (int item; (item = sh->next.fetch_add(1)) < a.B * a.H;) head<R, NV>(a, item / a.H, item % a.H, Kp, Vp, S, Pb);
+    if (Kp && Vp && S && Pb)  // else leave the items to threads that got memory (free(nullptr) is a no-op)
+        for (int item; (item = sh->next.fetch_add(1)) < a.B * a.H;)
+            head<R, NV>(a, item / a.H, item % a.H, Kp, Vp, S, Pb);
     std::free(Kp);
     std::free(Vp);
     std::free(S);
@@ -186,22 +188,24 @@ void* worker(void* arg) {
 }
 
 template <int R, int NV>
-void run(const Args& a, int nthreads) {
+int run(const Args& a, int nthreads) {
     Shared sh;
     sh.a = &a;
-    std::vector<pthread_t> threads(std::max(0, nthreads - 1));
-    int started = 0;
-    for (auto& t : threads)
-        if (pthread_create(&t, nullptr, worker<R, NV>, &sh) == 0) ++started;
+    std::vector<pthread_t> threads;  // the ones that started; this thread works too, so none is needed
+    for (int i = 1; i < nthreads; ++i) {
+        pthread_t t;
+        if (pthread_create(&t, nullptr, worker<R, NV>, &sh) == 0) threads.push_back(t);
+    }
     worker<R, NV>(&sh);
-    for (int i = 0; i < started; ++i) pthread_join(threads[i], nullptr);
+    for (pthread_t t : threads) pthread_join(t, nullptr);
+    return sh.next.load() < a.B * a.H ? 2 : 0;  // items left over: every thread lacked scratch memory
 }
 
 }  // namespace
 
 // softmax(q k^T * scale) v for q [B, H, Nq, D], k and v [B, H, Nk, D], out [B, H, Nq, D], all bf16, given by
 // pointer and strides (elements; batch, head, token for q, k, v, out in that order; the last dim contiguous).
-// Returns 0, or 1 for a shape it does not handle (D odd or over 80, Nk not a multiple of 32).
+// Returns 0; 1 for a shape it does not handle (D odd or over 80, Nk not a multiple of 32); 2 when out of memory.
 extern "C" int ldm_attention_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out, int B,
                                   int H, int Nq, int Nk, int D, const long* strides, float scale, int nthreads) {
     if (D % 2 || D > 80 || Nk % 32 || Nk <= 0 || Nq <= 0) return 1;
@@ -214,12 +218,11 @@ extern "C" int ldm_attention_bf16(const uint16_t* q, const uint16_t* k, const ui
     }
     const int NV = (D + 15) / 16;
     switch (NV) {
-        case 1: run<8, 1>(a, nthreads); break;
-        case 2: run<8, 2>(a, nthreads); break;
-        case 3: run<8, 3>(a, nthreads); break;
-        case 4: run<4, 4>(a, nthreads); break;
-        case 5: run<4, 5>(a, nthreads); break;
+        case 1: return run<8, 1>(a, nthreads);
+        case 2: return run<8, 2>(a, nthreads);
+        case 3: return run<8, 3>(a, nthreads);
+        case 4: return run<4, 4>(a, nthreads);
+        case 5: return run<4, 5>(a, nthreads);
         default: return 1;
     }
-    return 0;
 }
