@@ -148,6 +148,15 @@ def cpu_prefers_native_attention() -> bool:
     return "avx512_bf16" in flags and "amx_bf16" not in flags
 
 
+def native_attention_pays(
+    device: torch.device, weight_dtype: torch.dtype, compute_dtype: torch.dtype | None, compile: bool
+) -> bool:
+    """bf16 arithmetic on a CPU that prefers ldm.native's attention, not compiled (inductor would stop at the
+    foreign call): the default of `Runtime.native_attention`."""
+    bf16_arithmetic = weight_dtype == torch.bfloat16 and compute_dtype is None
+    return device.type == "cpu" and bf16_arithmetic and not compile and cpu_prefers_native_attention()
+
+
 def resolve_runtime(
     config: Mapping[str, Any] | None,
     device: str | None = None,
@@ -157,8 +166,8 @@ def resolve_runtime(
 ) -> Runtime:
     """Flags win over the config's `runtime:` section; device `auto` means CUDA when present, else CPU.
 
-    `native_attention` is on for bf16 arithmetic on a CPU without AMX but with AVX512-BF16
-    (`cpu_prefers_native_attention`), unless compiled (inductor would stop at the foreign call).
+    `native_attention` is on for bf16 arithmetic on a CPU without AMX but with AVX512-BF16, unless compiled
+    (`native_attention_pays`).
 
     `channels_last: auto` (the default) turns NHWC on where it was measured to pay and float32 fidelity is not
     at stake: bf16 arithmetic on a CPU (AMX/AVX512-BF16), where oneDNN's NHWC kernels made the UNet step 1.3x
@@ -197,7 +206,6 @@ def resolve_runtime(
     compute = None if native else torch.float32
     if channels_last == "auto":
         channels_last = dev.type == "cpu" and native
-    bf16_on_cpu = dev.type == "cpu" and native and weights == torch.bfloat16
     return Runtime(
         device=dev,
         precision=precision,
@@ -205,5 +213,5 @@ def resolve_runtime(
         compute_dtype=compute,
         channels_last=channels_last,
         compile=compile,
-        native_attention=bf16_on_cpu and not compile and cpu_prefers_native_attention(),
+        native_attention=native_attention_pays(dev, weights, compute, compile),
     )

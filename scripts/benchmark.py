@@ -58,7 +58,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
 from ldm.feature_reuse import FeatureReuse  # noqa: E402
 from ldm.load import OPTIONAL_KEYS, build_model, freeze_compiled_weights, load_config  # noqa: E402
 from ldm.mapped_file import trim_heap  # noqa: E402
-from ldm.runtime import Runtime, cpu_prefers_native_attention  # noqa: E402
+from ldm.runtime import Runtime, native_attention_pays  # noqa: E402
 from ldm.token_merge import merge_tokens  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 
@@ -443,11 +443,8 @@ def run_precision(precision: str, c: Context) -> list[Row]:
         compile=compiled,
         compile_mode=c.args.compile,
         # as resolve_runtime decides it for txt2img
-        native_attention=c.device.type == "cpu"
-        and (weight_dtype, compute) == (torch.bfloat16, None)
-        and not compiled
-        and not c.args.no_native_attention
-        and cpu_prefers_native_attention(),
+        native_attention=native_attention_pays(c.device, weight_dtype, compute, compiled)
+        and not c.args.no_native_attention,
     )
     if c.args.channels_last:
         source += ", channels last"
