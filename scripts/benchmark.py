@@ -10,7 +10,7 @@ tensors as ours, in the same process; ours and theirs alternate (ABBA order) so 
 machine hits both, and the relative error between the two outputs is printed to show the comparison
 is apples to apples. Reduced precisions also report their error against float32 on the same inputs.
 
-Weights are random (deterministic, the same values as `../shared/tools/make_fake_ckpt.py --seed S`),
+Weights are random (deterministic, the same values as `scripts/make_fake_ckpt.py --seed S`),
 generated straight in the target dtype, or read with `--ckpt`. The markdown table goes to stdout,
 progress to stderr.
 
@@ -32,9 +32,7 @@ import contextlib
 import dataclasses
 import datetime
 import gc
-import hashlib
 import importlib
-import math
 import os
 import platform
 import resource
@@ -55,12 +53,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT))
 
-from ldm.feature_reuse import FeatureReuse  # noqa: E402
-from ldm.load import OPTIONAL_KEYS, build_model, freeze_compiled_weights, load_config  # noqa: E402
-from ldm.mapped_file import trim_heap  # noqa: E402
-from ldm.runtime import Runtime, native_attention_pays  # noqa: E402
-from ldm.token_merge import merge_tokens  # noqa: E402
-from ldm.util import instantiate_from_config  # noqa: E402
+from ldm.files.fake_checkpoint import model_shapes, random_tensor  # noqa: E402
+from ldm.files.mapped_file import trim_heap  # noqa: E402
+from ldm.generation.load import OPTIONAL_KEYS, build_model, freeze_compiled_weights, load_config  # noqa: E402
+from ldm.speed.feature_reuse import FeatureReuse  # noqa: E402
+from ldm.speed.runtime import Runtime, native_attention_pays  # noqa: E402
+from ldm.speed.token_merge import merge_tokens  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "configs" / "stable-diffusion" / "v1-inference-cpu.yaml"
 PROMPTS = ["a photograph of an astronaut riding a horse", ""]  # cond + uncond, as guidance encodes them
@@ -76,7 +74,7 @@ PRECISIONS: dict[str, tuple[torch.dtype, torch.dtype | None, torch.dtype | None]
     "fp16": (torch.float16, None, None),
     "bf16-autocast": (torch.float32, torch.bfloat16, None),
     "fp16-autocast": (torch.float32, torch.float16, None),
-    # 16-bit weights, float32 arithmetic: ours via ldm.modules.weight_cast (what --precision bf16 does on a
+    # 16-bit weights, float32 arithmetic: ours via ldm.speed.weight_cast (what --precision bf16 does on a
     # CPU without bf16 instructions), diffusers via enable_layerwise_casting
     "bf16-weights": (torch.bfloat16, None, torch.float32),
     "fp16-weights": (torch.float16, None, torch.float32),
@@ -90,46 +88,16 @@ def log(msg: str) -> None:
 # ----------------------------------------------------------------------------- weights
 
 
-def key_generator(seed: int, key: str) -> torch.Generator:
-    """One generator per tensor, seeded from the key: values do not depend on order or on other keys."""
-    h = hashlib.sha256(f"{seed}/{key}".encode()).digest()
-    return torch.Generator(device="cpu").manual_seed(int.from_bytes(h[:8], "little") & ((1 << 63) - 1))
-
-
-def random_tensor(seed: int, key: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """make_fake_ckpt.py's rule: activations stay O(1) through the net, norms are not exactly 1/0."""
-    z = torch.randn(shape, generator=key_generator(seed, key), dtype=torch.float32)
-    if key.endswith("token_embedding.weight"):
-        return z.mul_(0.02)
-    if key.endswith("position_embedding.weight"):
-        return z.mul_(0.01)
-    if len(shape) >= 2:
-        return z.mul_(1.0 / math.sqrt(math.prod(shape[1:])))
-    if key.endswith(".weight"):  # every 1-D weight of SD v1 is a GroupNorm / LayerNorm scale
-        return z.mul_(0.05).add_(1.0)
-    if key.endswith(".bias"):
-        return z.mul_(0.02)
-    raise ValueError(f"no init rule for {key} {shape}")
-
-
 def random_state_dict(model_config: Any, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every weight of the meta-built model, drawn in float32 one tensor at a time and cast at once, so a
-    bf16 run never holds a float32 copy and gets exactly the float32 run's weights, rounded."""
-    with torch.device("meta"):
-        meta = instantiate_from_config(model_config)
-    sd = {}
-    for key, ref in meta.state_dict().items():
-        if key in OPTIONAL_KEYS:  # the schedule buffers: the model computes them
-            continue
-        if not ref.is_floating_point():
-            raise ValueError(f"no init rule for non-float tensor {key}")
-        sd[key] = random_tensor(seed, key, tuple(ref.shape)).to(dtype)
-    return sd
+    """Every weight of the model, drawn in float32 one tensor at a time and cast at once, so a bf16 run never
+    holds a float32 copy and gets exactly the float32 run's weights, rounded."""
+    shapes = model_shapes(model_config)
+    return {k: random_tensor(seed, k, shape).to(dtype) for k, shape in shapes.items() if k not in OPTIONAL_KEYS}
 
 
 def build_ours(config: Any, args: argparse.Namespace, runtime: Runtime) -> nn.Module:
     if args.ckpt:
-        from ldm.checkpoint_io import read_state_dict
+        from ldm.files.checkpoints import read_state_dict
 
         sd, _ = read_state_dict(args.ckpt)  # memory-mapped; build_model casts straight to the weight dtype
     else:
@@ -449,7 +417,7 @@ def run_precision(precision: str, c: Context) -> list[Row]:
     if c.args.channels_last:
         source += ", channels last"
     if runtime.native_attention:
-        source += ", ldm.native attention"
+        source += ", ldm.speed.native attention"
     if runtime.compile:
         source += f", UNet compiled ({c.args.compile})"
     with phase(c.phases, f"{precision}: build ours ({source})", c.memory):
@@ -766,7 +734,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--no_native_attention",
         action="store_true",
-        help="keep PyTorch's attention kernel in our bf16 UNet where ldm.native's would be used (for an A/B run)",
+        help="keep PyTorch's attention kernel in our bf16 UNet where ldm.speed.native's would be used (for an A/B run)",
     )
     p.add_argument("--steps", type=int, default=20, help="UNet steps in the whole-image estimate (default 20)")
     p.add_argument(

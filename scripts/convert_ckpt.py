@@ -14,8 +14,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ldm.checkpoint_io import CheckpointError  # noqa: E402
-from ldm.convert import convert_checkpoint, describe  # noqa: E402
+from ldm.files.checkpoints import CheckpointError  # noqa: E402
+from ldm.files.convert import convert_checkpoint, describe  # noqa: E402
 
 
 def default_dst(src: str, fp16: bool) -> str:

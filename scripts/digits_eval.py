@@ -21,9 +21,9 @@ sys.path.insert(0, REPO)
 import torch  # noqa: E402
 
 from ldm.data.digit_eval import adherence, fit_classifier, label_histogram, sample_digits  # noqa: E402
-from ldm.generate import SAMPLER_NAMES, SOLVERS  # noqa: E402
-from ldm.load import load_config, load_model  # noqa: E402
-from ldm.runtime import resolve_runtime  # noqa: E402
+from ldm.generation.generate import SAMPLER_NAMES, SOLVERS  # noqa: E402
+from ldm.generation.load import load_config, load_model  # noqa: E402
+from ldm.speed.runtime import resolve_runtime  # noqa: E402
 
 CONFIG = os.path.join(REPO, "configs", "demo", "digits.yaml")
 MARKER = "<!-- digits demo: written by scripts/digits_eval.py -->"

@@ -1,4 +1,4 @@
-"""Shared fixtures: the reference data beside the checkout, a tiny model, and cached fake checkpoints."""
+"""Shared fixtures: the reference data in tests/reference, a tiny model, and cached fake checkpoints."""
 
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ from omegaconf import OmegaConf
 from ldm.util import instantiate_from_config
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-ORACLE = SHARED / "reference" / "oracle" / "plms5_s42"
-MANIFEST = SHARED / "reference" / "sd-v1-state-dict.json"
-MAKE_FAKE = SHARED / "tools" / "make_fake_ckpt.py"
+# Measured from the original code: its state-dict layout and one txt2img case (README.md there says how).
+REFERENCE = REPO / "tests" / "reference"
+ORACLE = REFERENCE / "oracle" / "plms5_s42"
+MANIFEST = REFERENCE / "sd-v1-state-dict.json"
+FAKE_DIGEST = REFERENCE / "fake-ckpt-seed0-digest.json"
+MAKE_FAKE = REPO / "scripts" / "make_fake_ckpt.py"
 TINY_CONFIG = REPO / "tests" / "configs" / "tiny.yaml"
 CPU_CONFIG = REPO / "configs" / "stable-diffusion" / "v1-inference-cpu.yaml"
 # Tiny models gain nothing from threads, and two OpenMP threads slow down 100-fold when another
@@ -69,7 +71,7 @@ def tiny_ckpt(tmp_path_factory, tiny_config) -> Path:
 
 
 def fake_full_ckpt(*flags: str) -> Path:
-    """The shared tool's full-size seed-0 checkpoint with `flags`, written once and cached."""
+    """scripts/make_fake_ckpt.py's full-size seed-0 checkpoint with `flags`, written once and cached."""
     name = "sd-fake-s0" + "".join(f.replace("--", "-") for f in flags)
     path = CACHE / (name + (".safetensors" if "--safetensors" in flags else ".ckpt"))
     if not path.exists():

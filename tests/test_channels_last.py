@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from ldm.generate import SampleSettings, generate
-from ldm.load import load_model
-from ldm.modules.weight_cast import compute_in
-from ldm.runtime import Runtime, resolve_runtime
+from ldm.generation.generate import SampleSettings, generate
+from ldm.generation.load import load_model
+from ldm.speed.runtime import Runtime, resolve_runtime
+from ldm.speed.weight_cast import compute_in
 
 S = SampleSettings(steps=3, sampler="dpmpp_2m", height=64, width=64, n_samples=2, seed=7)
 PROMPTS = [["a red cube", "a blue ball"]]
@@ -35,7 +35,7 @@ def test_policy_flag_wins_over_config():
 
 @pytest.mark.parametrize("has_bf16", [False, True])
 def test_auto_is_on_only_for_bf16_arithmetic_on_a_cpu(monkeypatch, has_bf16):
-    monkeypatch.setattr("ldm.runtime.cpu_has_bf16", lambda: has_bf16)
+    monkeypatch.setattr("ldm.speed.runtime.cpu_has_bf16", lambda: has_bf16)
     for cfg in ({"runtime": {"device": "cpu"}}, {"runtime": {"device": "cpu", "channels_last": "auto"}}):
         assert resolve_runtime(cfg, precision="bf16").channels_last is has_bf16  # measured to pay there
         # float32 keeps the original's layout (and so its bits); fp16 and bf16 without the instructions

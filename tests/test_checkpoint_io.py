@@ -1,4 +1,4 @@
-"""Tests for ldm.checkpoint_io: reading checkpoints without running pickle code from them."""
+"""Tests for ldm.files.checkpoints: reading checkpoints without running pickle code from them."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ldm.checkpoint_io import CheckpointError, is_safetensors, read_state_dict
+from ldm.files.checkpoints import CheckpointError, is_safetensors, read_state_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LIGHTNING_MC = "pytorch_lightning.callbacks.model_checkpoint"
@@ -221,7 +221,7 @@ def test_lightning_pickle_does_not_import_pytorch_lightning(tmp_path):
     code = textwrap.dedent(
         f"""
         import sys
-        from ldm.checkpoint_io import read_state_dict
+        from ldm.files.checkpoints import read_state_dict
         sd, info = read_state_dict({str(path)!r})
         assert len(sd) == 5 and info["global_step"] == 470000, info
         bad = sorted(m for m in sys.modules if m.split(".")[0] == "pytorch_lightning")
@@ -399,7 +399,7 @@ def test_unreadable_file(tmp_path):
 
 def test_unreadable_file_simulated(tmp_path, monkeypatch):
     """Same as above but also runs as root: the open() itself fails with EACCES."""
-    import ldm.checkpoint_io as cio
+    import ldm.files.checkpoints as cio
 
     path = tmp_path / "locked.ckpt"
     torch.save({"state_dict": small_state_dict()}, path)

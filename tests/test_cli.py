@@ -170,7 +170,7 @@ def test_bad_input_is_one_clear_line(tmp_path, tiny_ckpt, case):
 
 
 def test_png_carries_its_generation_parameters(tmp_path, tiny_ckpt):
-    from ldm.infotext import legacy_model_hash, parse_infotext
+    from ldm.files.infotext import legacy_model_hash, parse_infotext
 
     out = tmp_path / "out"
     prompt = 'a "quoted", comma\u2019d prompt'

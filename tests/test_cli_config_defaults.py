@@ -12,9 +12,9 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from ldm.cli.txt2img import DEFAULT_CKPT, UsageError, parse_args
+from ldm.cli.options import DEFAULT_CKPT, UsageError, parse_args
 from ldm.data.digit_eval import classify, fit_classifier
-from ldm.load import resolve_config_path
+from ldm.generation.load import resolve_config_path
 
 from .conftest import CPU_CONFIG, REPO
 

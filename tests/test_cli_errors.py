@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldm.checks import (
+from ldm.cli.txt2img import main, one_line
+from ldm.generation.checks import (
     NonFiniteError,
     available_memory,
     check_finite,
@@ -23,7 +24,6 @@ from ldm.checks import (
     model_widths,
     unwritable_dir_reason,
 )
-from ldm.cli.txt2img import main, one_line
 
 from .conftest import REPO, TINY_CONFIG
 

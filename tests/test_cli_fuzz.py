@@ -25,8 +25,9 @@ from hypothesis.configuration import set_hypothesis_home_dir
 from PIL import Image
 
 from ldm.cli import txt2img
-from ldm.cli.txt2img import UsageError, main, read_batches
-from ldm.generate import SAMPLER_NAMES
+from ldm.cli.options import UsageError
+from ldm.cli.txt2img import main, read_batches
+from ldm.generation.generate import SAMPLER_NAMES
 from ldm.modules.encoders.tokenizer import BOS_ID, CONTEXT_LENGTH, EOS_ID, get_tokenizer
 
 from .conftest import TINY_CONFIG

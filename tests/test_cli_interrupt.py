@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm.image_io import SAMPLE_PATTERN
+from ldm.files.image_output import SAMPLE_PATTERN
 
 from .conftest import REPO, TINY_CONFIG
 

@@ -108,8 +108,8 @@ def test_dropout_zero_accepted():
 def test_inference_does_not_import_transformers():
     """Generating from the tiny model loads neither transformers nor Lightning."""
     code = (
-        "import sys; from ldm.load import load_config; from ldm.util import instantiate_from_config\n"
-        "import ldm.cli.txt2img, ldm.generate\n"
+        "import sys; from ldm.generation.load import load_config; from ldm.util import instantiate_from_config\n"
+        "import ldm.cli.txt2img, ldm.generation.generate\n"
         "cfg = load_config('tests/configs/tiny.yaml')\n"
         "m = instantiate_from_config(cfg.model)\n"
         "z = m.cond_stage_model.encode(['a cat'])\n"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldm.feature_reuse import reuse_features
-from ldm.generate import SampleSettings, generate
-from ldm.load import load_model
-from ldm.runtime import Runtime, resolve_runtime
+from ldm.generation.generate import SampleSettings, generate
+from ldm.generation.load import load_model
+from ldm.speed.feature_reuse import reuse_features
+from ldm.speed.runtime import Runtime, resolve_runtime
 from ldm.util import is_compiled
 
 S = SampleSettings(steps=3, sampler="dpmpp_2m", height=64, width=64, n_samples=2, seed=11)

@@ -1,4 +1,4 @@
-"""Tests for ldm.convert / scripts/convert_ckpt.py (checkpoint -> safetensors) and prefer_safetensors."""
+"""Tests for ldm.files.convert / scripts/convert_ckpt.py (checkpoint -> safetensors) and prefer_safetensors."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import pytest
 import safetensors.torch
 import torch
 
-from ldm.checkpoint_io import CheckpointError, prefer_safetensors, read_state_dict
-from ldm.convert import convert_checkpoint
-from ldm.load import load_model
-from ldm.runtime import Runtime
+from ldm.files.checkpoints import CheckpointError, prefer_safetensors, read_state_dict
+from ldm.files.convert import convert_checkpoint
+from ldm.generation.load import load_model
+from ldm.speed.runtime import Runtime
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "convert_ckpt.py"

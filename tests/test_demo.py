@@ -12,9 +12,9 @@ import torch
 
 from ldm.data.digit_eval import adherence, classify, fit_classifier, label_histogram, sample_digits
 from ldm.data.digits import load_digits_8x8, upsample
-from ldm.generate import SAMPLER_NAMES
-from ldm.load import load_config, load_model
-from ldm.runtime import resolve_runtime
+from ldm.generation.generate import SAMPLER_NAMES
+from ldm.generation.load import load_config, load_model
+from ldm.speed.runtime import resolve_runtime
 
 from .conftest import REPO
 

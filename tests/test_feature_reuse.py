@@ -1,4 +1,4 @@
-"""DeepCache-style feature reuse (ldm.feature_reuse): shallow UNet calls reuse the deep features of the
+"""DeepCache-style feature reuse (ldm.speed.feature_reuse): shallow UNet calls reuse the deep features of the
 last full call. A shallow call on the same inputs must give the full call's output exactly."""
 
 from __future__ import annotations
@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldm.feature_reuse import FeatureReuse, reuse_features
-from ldm.generate import SampleSettings, generate
-from ldm.load import load_model
-from ldm.runtime import Runtime
+from ldm.generation.generate import SampleSettings, generate
+from ldm.generation.load import load_model
+from ldm.speed.feature_reuse import FeatureReuse, reuse_features
+from ldm.speed.runtime import Runtime
 
 CPU = Runtime(torch.device("cpu"))
 

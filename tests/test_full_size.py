@@ -1,5 +1,5 @@
 """The full-size SD v1 model: its layout equals the original's, and checkpoints written in the
-original formats (made by ../shared/tools/make_fake_ckpt.py) load completely."""
+original formats (made by scripts/make_fake_ckpt.py) load completely."""
 
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ldm.checkpoint_io import CheckpointError, read_state_dict
-from ldm.load import build_model
-from ldm.runtime import Runtime
+from ldm.files.checkpoints import CheckpointError, read_state_dict
+from ldm.files.fake_checkpoint import tensor_digest
+from ldm.generation.load import build_model
+from ldm.speed.runtime import Runtime
 from ldm.util import instantiate_from_config
 
-from .conftest import CPU_CONFIG, MANIFEST, REPO, fake_full_ckpt
+from .conftest import CPU_CONFIG, FAKE_DIGEST, MANIFEST, REPO, fake_full_ckpt
 
 CPU = Runtime(torch.device("cpu"))
 
@@ -66,6 +67,19 @@ def test_original_format_checkpoints_load_completely(flags):
     # (test_checkpoint_io proves it in a fresh interpreter; here: loading did not import it, unless another
     # test in this session already had)
     assert lightning_was_imported or "pytorch_lightning" not in sys.modules
+
+
+@pytest.mark.slow
+def test_our_fake_checkpoint_has_the_reference_weights_tensor_for_tensor():
+    """scripts/make_fake_ckpt.py rebuilds, from the documented rule, the very weights the original code's reference
+    case was made with: every tensor read back from the file hashes as in tests/reference."""
+    reference = json.loads(FAKE_DIGEST.read_text())
+    sd, _ = read_state_dict(fake_full_ckpt())
+    total, per_key = tensor_digest(sd)
+    assert list(per_key) == list(reference["sha256_16_per_key"])
+    wrong = [k for k, h in reference["sha256_16_per_key"].items() if per_key[k] != h]
+    assert not wrong, f"{len(wrong)} tensors differ, first {wrong[:3]}"
+    assert total == reference["sha256_all_tensors"]
 
 
 @pytest.mark.slow

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from ldm.generate import SampleSettings, generate
-from ldm.load import load_model
+from ldm.generation.generate import SampleSettings, generate
+from ldm.generation.load import load_model
 from ldm.modules.attention import GEGLU, BasicTransformerBlock, SpatialTransformer
 from ldm.modules.diffusionmodules.openaimodel import ResBlock
-from ldm.modules.fused_epilogues import (
+from ldm.speed.fused_epilogues import (
     FusedGEGLU,
     FusedResBlock,
     FusedSpatialTransformer,
@@ -20,9 +20,9 @@ from ldm.modules.fused_epilogues import (
     fuse_epilogues,
     unfuse_epilogues,
 )
-from ldm.modules.packed_conv import pack_convolutions
-from ldm.runtime import Runtime, resolve_runtime
-from ldm.token_merge import bipartite_merge
+from ldm.speed.packed_conv import pack_convolutions
+from ldm.speed.runtime import Runtime, resolve_runtime
+from ldm.speed.token_merge import bipartite_merge
 
 BF16 = torch.bfloat16
 CL = torch.channels_last
@@ -146,7 +146,7 @@ def test_the_same_module_to_the_outside():
 
 
 def test_policy(monkeypatch):
-    monkeypatch.setattr("ldm.runtime.cpu_has_bf16", lambda: True)
+    monkeypatch.setattr("ldm.speed.runtime.cpu_has_bf16", lambda: True)
     cpu = {"runtime": {"device": "cpu"}}
     bf16 = resolve_runtime(cpu, precision="bf16")
     assert bf16.fuses_epilogues and bf16.shares_guidance_prefix

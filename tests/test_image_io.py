@@ -1,4 +1,4 @@
-"""Tests for ldm.image_io: original txt2img pixel arithmetic, grid, watermark and safe file writing."""
+"""Tests for ldm.files.image_output: original txt2img pixel arithmetic, grid, watermark and safe file writing."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import torch
 from imwatermark import WatermarkDecoder, WatermarkEncoder
 from PIL import Image
 
-import ldm.image_io as image_io
-from ldm.image_io import (
+import ldm.files.image_output as image_io
+from ldm.files.image_output import (
     GRID_PATTERN,
     SAMPLE_PATTERN,
     OutputWriter,
@@ -28,8 +28,7 @@ from ldm.image_io import (
     watermark_supported,
 )
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-ORACLE = SHARED / "reference" / "oracle" / "plms5_s42"
+from .conftest import ORACLE
 
 
 def natural_image(h: int = 256, w: int = 256, seed: int = 0) -> np.ndarray:
@@ -364,8 +363,7 @@ def test_png_text_chunk_round_trip(tmp_path: Path) -> None:
 
 
 def _need_oracle() -> None:
-    if not (ORACLE / "decoded0.npy").exists():
-        pytest.skip(f"reference data not found under {ORACLE}")
+    assert (ORACLE / "decoded0.npy").exists(), f"reference data missing under {ORACLE}"
 
 
 def test_reference_uint8_conversion() -> None:

@@ -8,13 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.generate import SOLVERS, SampleSettings, solve
-from ldm.image_input import ImageInputError, fit_size, load_image, load_image_array, load_mask, to_model_range
-from ldm.image_io import to_uint8_images
-from ldm.img2img import composite, encoding_steps, generate_img2img
-from ldm.load import load_model
+from ldm.files.image_input import ImageInputError, fit_size, load_image, load_image_array, load_mask, to_model_range
+from ldm.files.image_output import to_uint8_images
+from ldm.generation.generate import SOLVERS, SampleSettings, solve
+from ldm.generation.img2img import composite, encoding_steps, generate_img2img
+from ldm.generation.load import load_model
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.runtime import Runtime
+from ldm.speed.runtime import Runtime
 
 from .test_sampling_fidelity import original_timesteps
 

@@ -24,7 +24,7 @@ def img2img(*args, cwd=None) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def init_png(tmp_path_factory):
     path = tmp_path_factory.mktemp("init") / "seven.png"
-    from ldm.pipeline import Pipeline
+    from ldm.generation.pipeline import Pipeline
 
     Pipeline.from_config(DEMO).txt2img("a handwritten digit 7", seed=3)[0].save(path)
     return path

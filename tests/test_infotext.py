@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from ldm.infotext import format_infotext, legacy_model_hash, parse_infotext
+from ldm.files.infotext import format_infotext, legacy_model_hash, parse_infotext
 
 
 def test_round_trip_with_awkward_values():

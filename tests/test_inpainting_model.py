@@ -13,12 +13,12 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from ldm.generate import SampleSettings
-from ldm.image_input import to_model_range
-from ldm.image_io import to_uint8_images
-from ldm.img2img import composite, generate_img2img, inpainting_concat
-from ldm.load import load_model
-from ldm.runtime import Runtime
+from ldm.files.image_input import to_model_range
+from ldm.files.image_output import to_uint8_images
+from ldm.generation.generate import SampleSettings
+from ldm.generation.img2img import composite, generate_img2img, inpainting_concat
+from ldm.generation.load import load_model
+from ldm.speed.runtime import Runtime
 from ldm.util import instantiate_from_config
 
 from .conftest import REPO, random_state_dict

@@ -1,4 +1,4 @@
-"""ldm.native's bf16 attention kernel: the same attention as PyTorch's to bf16 rounding, every shape and layout
+"""ldm.speed.native's bf16 attention kernel: the same attention as PyTorch's to bf16 rounding, every shape and layout
 the UNet gives it, PyTorch's kernel for the rest, and a clear fallback where it cannot be built."""
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldm import native
-from ldm.load import load_model, use_native_attention
+from ldm.generation.load import load_model, use_native_attention
 from ldm.modules.attention import CrossAttention
-from ldm.runtime import Runtime, resolve_runtime
+from ldm.speed import native
+from ldm.speed.runtime import Runtime, resolve_runtime
 
 BF16 = torch.bfloat16
 KERNEL = native.kernel()
-KERNEL_NAME = "ldm.native's bf16 kernel"
+KERNEL_NAME = "ldm.speed.native's bf16 kernel"
 needs_kernel = pytest.mark.skipif(KERNEL.function is None, reason=f"no native kernel here: {KERNEL.why_not}")
 
 
@@ -146,13 +146,13 @@ def test_whole_unet_within_bf16_rounding(tiny_config, tiny_ckpt):
 def test_policy(monkeypatch):
     """On for bf16 on a CPU with AVX512-BF16 and no AMX; off with AMX, in float32, when compiled, on CUDA."""
     cpu = {"runtime": {"device": "cpu"}}
-    monkeypatch.setattr("ldm.runtime.cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    monkeypatch.setattr("ldm.speed.runtime.cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
     assert resolve_runtime(cpu, precision="bf16").native_attention
     assert not resolve_runtime(cpu, precision="full").native_attention
     assert not resolve_runtime(cpu, precision="bf16", compile=True).native_attention
-    monkeypatch.setattr("ldm.runtime.cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16", "amx_bf16"}))
+    monkeypatch.setattr("ldm.speed.runtime.cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16", "amx_bf16"}))
     assert not resolve_runtime(cpu, precision="bf16").native_attention
-    monkeypatch.setattr("ldm.runtime.cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setattr("ldm.speed.runtime.cpu_flags", lambda: frozenset({"avx2"}))
     assert not resolve_runtime(cpu, precision="bf16").native_attention
 
 
@@ -165,7 +165,8 @@ def test_policy(monkeypatch):
     ],
 )
 def test_unavailable_kernel_says_why_and_keeps_pytorch(monkeypatch, tmp_path, env, why):
-    monkeypatch.setattr("ldm.native.cpu_flags", lambda: frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}))
+    flags = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"})
+    monkeypatch.setattr("ldm.speed.native.cpu_flags", lambda: flags)
     monkeypatch.setenv("LDM_CACHE_DIR", str(tmp_path))
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -185,7 +186,7 @@ def test_unavailable_kernel_says_why_and_keeps_pytorch(monkeypatch, tmp_path, en
 
 
 def test_cpu_without_the_instructions(monkeypatch):
-    monkeypatch.setattr("ldm.native.cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    monkeypatch.setattr("ldm.speed.native.cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
     native.kernel.cache_clear()
     try:
         assert native.kernel().why_not == "this CPU lacks avx512_bf16, avx512bw, avx512vl"

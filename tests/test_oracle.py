@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm.generate import SampleSettings, generate
-from ldm.load import load_config, load_model
-from ldm.runtime import resolve_runtime
+from ldm.generation.generate import SampleSettings, generate
+from ldm.generation.load import load_config, load_model
+from ldm.speed.runtime import resolve_runtime
 
 from .conftest import CPU_CONFIG, ORACLE, REPO, fake_full_ckpt
 

@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.generate import SampleSettings, generate
-from ldm.load import load_model
-from ldm.modules.fused_epilogues import unfuse_epilogues
-from ldm.modules.packed_conv import PackedConv2d, pack_convolutions, packable, unpack_convolutions
-from ldm.runtime import Runtime, resolve_runtime
+from ldm.generation.generate import SampleSettings, generate
+from ldm.generation.load import load_model
+from ldm.speed.fused_epilogues import unfuse_epilogues
+from ldm.speed.packed_conv import PackedConv2d, pack_convolutions, packable, unpack_convolutions
+from ldm.speed.runtime import Runtime, resolve_runtime
 
 CL = torch.channels_last
 BF16 = pytest.param(
@@ -134,7 +134,7 @@ def test_release_gets_the_plain_weight_once_packed():
 
 
 def test_policy_packs_only_eager_nhwc_on_a_cpu(monkeypatch):
-    monkeypatch.setattr("ldm.runtime.cpu_has_bf16", lambda: True)
+    monkeypatch.setattr("ldm.speed.runtime.cpu_has_bf16", lambda: True)
     cpu = {"runtime": {"device": "cpu"}}
     assert resolve_runtime(cpu, precision="bf16").packs_convolutions  # auto NHWC
     assert resolve_runtime(cpu, precision="full", channels_last=True).packs_convolutions
@@ -143,7 +143,7 @@ def test_policy_packs_only_eager_nhwc_on_a_cpu(monkeypatch):
     assert not resolve_runtime(cpu, precision="full").packs_convolutions  # the original's layout and bits
     assert not resolve_runtime(cpu, precision="bf16", channels_last=False).packs_convolutions
     assert not resolve_runtime(cpu, precision="bf16", compile=True).packs_convolutions  # freezing packs
-    monkeypatch.setattr("ldm.runtime.cpu_has_bf16", lambda: False)
+    monkeypatch.setattr("ldm.speed.runtime.cpu_has_bf16", lambda: False)
     # 16-bit weights cast to float32 at each call: nothing fixed to pack
     assert not resolve_runtime(cpu, precision="bf16", channels_last=True).packs_convolutions
 

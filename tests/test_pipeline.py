@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from ldm.data.digit_eval import classify, fit_classifier
-from ldm.pipeline import DEMO_CONFIG, Pipeline
-from ldm.pipeline import to_tensor as pil_to_tensor
+from ldm.generation.pipeline import DEMO_CONFIG, Pipeline
+from ldm.generation.pipeline import to_tensor as pil_to_tensor
 
 from .conftest import REPO
 

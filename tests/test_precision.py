@@ -1,4 +1,4 @@
-"""The precision policy (ldm.runtime) and 16-bit weights computed in float32 (ldm.modules.weight_cast)."""
+"""The precision policy (ldm.speed.runtime) and 16-bit weights computed in float32 (ldm.speed.weight_cast)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.generate import SampleSettings, generate
-from ldm.load import build_model, load_model
-from ldm.mapped_file import MappedFile
-from ldm.modules.weight_cast import compute_dtype, compute_in
-from ldm.runtime import Runtime, resolve_runtime
+from ldm.files.mapped_file import MappedFile
+from ldm.generation.generate import SampleSettings, generate
+from ldm.generation.load import build_model, load_model
+from ldm.speed.runtime import Runtime, resolve_runtime
+from ldm.speed.weight_cast import compute_dtype, compute_in
 
 CPU = Runtime(torch.device("cpu"))
 CONFIG = {"runtime": {"device": "cpu", "precision": "full"}}
@@ -25,7 +25,7 @@ PROMPTS = [["a red cube", "a blue ball"]]
 
 @pytest.mark.parametrize("has_bf16", [False, True])
 def test_policy(monkeypatch, has_bf16):
-    monkeypatch.setattr("ldm.runtime.cpu_has_bf16", lambda: has_bf16)
+    monkeypatch.setattr("ldm.speed.runtime.cpu_has_bf16", lambda: has_bf16)
     full = resolve_runtime(CONFIG)
     assert (full.weight_dtype, full.arithmetic_dtype, full.casts_weights) == (torch.float32, torch.float32, False)
     bf16 = resolve_runtime(CONFIG, precision="bf16")
@@ -126,8 +126,8 @@ def test_loading_to_16_bit_gives_back_the_files_pages(tmp_path, tiny_config, tin
     script = textwrap.dedent(
         f"""
         import torch
-        from ldm.checkpoint_io import read_state_dict
-        from ldm.mapped_file import MappedFile
+        from ldm.files.checkpoints import read_state_dict
+        from ldm.files.mapped_file import MappedFile
 
         def rss():
             return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) * 1024
@@ -155,7 +155,7 @@ def test_loading_to_16_bit_gives_back_the_files_pages(tmp_path, tiny_config, tin
 
 
 def test_build_model_releases_copied_sources(tiny_config, tiny_ckpt):
-    from ldm.checkpoint_io import read_state_dict
+    from ldm.files.checkpoints import read_state_dict
 
     sd, _ = read_state_dict(tiny_ckpt)
     released = []
@@ -173,7 +173,7 @@ def test_cli_bf16(tmp_path, tiny_ckpt, capsys, monkeypatch):
 
     from .conftest import TINY_CONFIG
 
-    monkeypatch.setattr("ldm.runtime.cpu_has_bf16", lambda: False)
+    monkeypatch.setattr("ldm.speed.runtime.cpu_has_bf16", lambda: False)
     base = ["--config", str(TINY_CONFIG), "--ckpt", str(tiny_ckpt), "--prompt", "a cat", "--H", "64", "--W", "64"]
     base += ["--ddim_steps", "3", "--n_samples", "1", "--skip_grid", "--quiet", "--sampler", "euler"]
     assert main([*base, "--outdir", str(tmp_path / "bf16"), "--precision", "bf16"]) == 0

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ldm.generate import SampleSettings, generate
-from ldm.load import load_model
-from ldm.runtime import Runtime
+from ldm.generation.generate import SampleSettings, generate
+from ldm.generation.load import load_model
+from ldm.speed.runtime import Runtime
 
 from .test_cli import txt2img
 

@@ -1,4 +1,4 @@
-"""Tests for ldm.prompts: the webui attention syntax, weighted token conditioning, long-prompt chunking."""
+"""Tests for ldm.generation.prompts: the webui attention syntax, weighted token conditioning, long-prompt chunking."""
 
 from __future__ import annotations
 
@@ -6,9 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldm.modules.encoders.modules import FrozenCLIPEmbedder
-from ldm.modules.encoders.tokenizer import BOS_ID, EOS_ID
-from ldm.prompts import (
+from ldm.generation.prompts import (
     dropped_words,
     encode_pair,
     encode_prompt,
@@ -17,6 +15,8 @@ from ldm.prompts import (
     parse_prompt_attention,
     weighted_tokens,
 )
+from ldm.modules.encoders.modules import FrozenCLIPEmbedder
+from ldm.modules.encoders.tokenizer import BOS_ID, EOS_ID
 
 torch.set_num_threads(1)
 
@@ -51,7 +51,7 @@ def embedder() -> FrozenCLIPEmbedder:
 
 
 def plain(embedder: FrozenCLIPEmbedder, ids: list[int]) -> torch.Tensor:
-    """The text model on one packed window, computed directly (independent of ldm.prompts)."""
+    """The text model on one packed window, computed directly (independent of ldm.generation.prompts)."""
     row = [BOS_ID, *ids, EOS_ID] + [EOS_ID] * (75 - len(ids))
     assert len(row) == 77
     with torch.no_grad():

@@ -33,7 +33,7 @@ from ldm.samplers import (
     sigmas_from_alphas_cumprod,
     t_from_sigma,
 )
-from ldm.samplers.k_samplers import lms_coefficients, phi
+from ldm.samplers.common import lms_coefficients, phi
 from ldm.samplers.testbed import (
     DTYPE,
     SD_ALPHAS_CUMPROD,

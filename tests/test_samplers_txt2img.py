@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 from ldm.cli.txt2img import main
-from ldm.generate import SAMPLER_NAMES, SOLVERS, SampleSettings, generate
-from ldm.load import load_model
-from ldm.runtime import Runtime
+from ldm.generation.generate import SAMPLER_NAMES, SOLVERS, SampleSettings, generate
+from ldm.generation.load import load_model
+from ldm.speed.runtime import Runtime
 
 from .conftest import TINY_CONFIG
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from ldm.generate import SampleSettings, generate
-from ldm.load import load_model
+from ldm.generation.generate import SampleSettings, generate
+from ldm.generation.load import load_model
 from ldm.models.diffusion.sampling_common import ddim_timesteps
-from ldm.runtime import Runtime
+from ldm.speed.runtime import Runtime
 
 
 def original_timesteps(steps: int) -> np.ndarray:

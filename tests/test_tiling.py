@@ -1,4 +1,4 @@
-"""Tiled VAE decode (ldm.modules.tiling): placement and blending checked on a decoder whose exact tiled
+"""Tiled VAE decode (ldm.speed.tiling): placement and blending checked on a decoder whose exact tiled
 answer is known, then the real (tiny) VAE and the CLI flag."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ldm.cli.txt2img import main
-from ldm.load import load_model
-from ldm.modules.tiling import decode_tiled, tile_starts
-from ldm.runtime import Runtime
+from ldm.generation.load import load_model
+from ldm.speed.runtime import Runtime
+from ldm.speed.tiling import decode_tiled, tile_starts
 
 from .conftest import TINY_CONFIG
 

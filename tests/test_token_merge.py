@@ -1,15 +1,15 @@
-"""--tome: token merging before the full-resolution self-attentions (ldm.token_merge)."""
+"""--tome: token merging before the full-resolution self-attentions (ldm.speed.token_merge)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ldm.generate import SampleSettings, generate
-from ldm.load import load_model
+from ldm.generation.generate import SampleSettings, generate
+from ldm.generation.load import load_model
 from ldm.modules.attention import BasicTransformerBlock, SpatialTransformer
-from ldm.runtime import Runtime
-from ldm.token_merge import bipartite_merge, grid_positions, merge_tokens
+from ldm.speed.runtime import Runtime
+from ldm.speed.token_merge import bipartite_merge, grid_positions, merge_tokens
 
 CPU = Runtime(torch.device("cpu"))
 G = torch.Generator().manual_seed(0)

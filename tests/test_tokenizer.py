@@ -2,7 +2,7 @@
 
 Three independent references:
 
-* the ids the original CompVis code produced for the reference case in ``../shared/reference/oracle``.
+* the ids the original CompVis code produced for the reference case in ``tests/reference/oracle``.
 * transformers' ``CLIPTokenizer`` built offline from vocab.json + merges.txt that this test derives itself from
   the BPE file bundled with open-clip-torch. SD v1 used the slow, pure-Python tokenizer of transformers 4.19:
   its ``tokenize`` cuts the raw text at the special tokens, then ``_tokenize`` runs
@@ -38,7 +38,8 @@ import torch
 from ldm.modules.encoders import tokenizer as tokmod
 from ldm.modules.encoders.tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE, CLIPTokenizer, get_tokenizer
 
-ORACLE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "oracle" / "plms5_s42"
+from .conftest import ORACLE
+
 REFERENCE_PROMPT = "a photograph of an astronaut riding a horse"
 
 LONG_PROMPT = (
@@ -203,9 +204,7 @@ def test_explicit_vocab_path_and_bad_style(ours):
 
 @pytest.mark.parametrize(("prompt", "filename"), [(REFERENCE_PROMPT, "tokens.npy"), ("", "tokens_uc.npy")])
 def test_matches_original_sd_reference(ours, prompt, filename):
-    path = ORACLE_DIR / filename
-    if not path.is_file():
-        pytest.skip(f"reference data not found: {path}")
+    path = ORACLE / filename
     expected = np.load(path)
     assert expected.shape == (1, 77) and expected.dtype == np.int64
     got = ours(prompt)

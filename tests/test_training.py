@@ -13,8 +13,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ldm.checkpoint_io import read_state_dict
 from ldm.data.digits import DigitsDataset, caption_variants, collate
+from ldm.files.checkpoints import read_state_dict
 
 from .conftest import REPO
 
@@ -104,8 +104,8 @@ def test_diffusion_stage_lowers_its_loss_and_loads_into_txt2img_model(stage1, tm
     unet_keys = [k for k in sd if k.startswith("model.diffusion_model.")]
     assert all("model_ema." + k[len("model.") :].replace(".", "") in sd for k in unet_keys)
     # And the file is what the inference model loads.
-    from ldm.load import load_model
-    from ldm.runtime import Runtime
+    from ldm.generation.load import load_model
+    from ldm.speed.runtime import Runtime
 
     model = load_model(OmegaConf.load(LDM_CONFIG), last, Runtime(torch.device("cpu")), verbose=False)
     assert torch.equal(model.model.diffusion_model.out[2].weight, sd["model.diffusion_model.out.2.weight"])

@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldm.checks import NonFiniteError
-from ldm.generate import SampleSettings, generate
-from ldm.load import load_model
-from ldm.runtime import Runtime
+from ldm.generation.checks import NonFiniteError
+from ldm.generation.generate import SampleSettings, generate
+from ldm.generation.load import load_model
+from ldm.speed.runtime import Runtime
 
 
 class ReducedPrecisionRuntime(Runtime):

@@ -1,7 +1,7 @@
 """`img2img`: the original CompVis script's flags, defaults and meaning, plus inpainting with `--mask`.
 
 Shares txt2img's checks, outputs and error handling (`ldm.cli.txt2img`); the picture-making is
-`ldm.img2img`. As in the original, outputs are not watermarked (`--watermark` adds it).
+`ldm.generation.img2img`. As in the original, outputs are not watermarked (`--watermark` adds it).
 """
 
 from __future__ import annotations
@@ -13,14 +13,15 @@ from collections.abc import Sequence
 import numpy as np
 from omegaconf import OmegaConf
 
+from ldm.cli import options
 from ldm.cli import txt2img as t2i
-from ldm.cli.txt2img import UsageError
-from ldm.image_input import MULTIPLE, ImageInputError, load_image_array, load_mask, to_model_range
-from ldm.img2img import composite, generate_img2img
+from ldm.cli.options import UsageError
+from ldm.files.image_input import MULTIPLE, ImageInputError, load_image_array, load_mask, to_model_range
+from ldm.generation.img2img import composite, generate_img2img
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = t2i.build_parser()
+    p = options.build_parser()
     p.description = "Make variations of an image (img2img), or repaint part of it (--mask), with Stable Diffusion v1."
     p.set_defaults(outdir="outputs/img2img-samples", n_samples=2, n_iter=1, scale=5.0, watermark=False)
     for action in p._actions:
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    return t2i.parse_args(argv, builder=build_parser)
+    return options.parse_args(argv, builder=build_parser)
 
 
 def run(opt: argparse.Namespace) -> list[str]:

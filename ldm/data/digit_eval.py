@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from ldm.data.digits import WORDS, downsample_to_8x8, load_digits_8x8
-from ldm.generate import SampleSettings, generate
-from ldm.runtime import Runtime
+from ldm.generation.generate import SampleSettings, generate
+from ldm.speed.runtime import Runtime
 
 
 def fit_classifier(seed: int = 0):

@@ -10,7 +10,7 @@ from torch import nn
 
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions import DiagonalGaussianDistribution
-from ldm.modules.weight_cast import compute_dtype
+from ldm.speed.hooks import compute_dtype
 
 
 class AutoencoderKL(nn.Module):

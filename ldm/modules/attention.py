@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm import native
-from ldm.token_merge import Merge, bipartite_merge
+from ldm.speed.hooks import Merge, bipartite_merge, native
 
 
 class GEGLU(nn.Module):
@@ -40,8 +39,8 @@ class FeedForward(nn.Module):
 class CrossAttention(nn.Module):
     """Multi-head attention; attends to `context` when given, else to `x` itself."""
 
-    # Set by ldm.load where ldm.runtime.Runtime.native_attention says so: bf16 attention by ldm.native's kernel
-    # for the shapes it supports, PyTorch's for the rest.
+    # Set by ldm.generation.load where ldm.speed.runtime.Runtime.native_attention says so: bf16 attention by
+    # ldm.speed.native's kernel for the shapes it supports, PyTorch's for the rest.
     native_attention = False
 
     def __init__(
@@ -113,7 +112,7 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         inner = n_heads * d_head
         self.in_channels = in_channels
-        # Set by ldm.token_merge.merge_tokens: the share of tokens merged before each self-attention.
+        # Set by ldm.speed.token_merge.merge_tokens: the share of tokens merged before each self-attention.
         self.token_merge_ratio = 0.0
         self.norm = nn.GroupNorm(32, in_channels, eps=1e-6)
         self.proj_in = nn.Conv2d(in_channels, inner, 1)

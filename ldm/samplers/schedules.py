@@ -1,4 +1,4 @@
-"""Noise-level (sigma) schedules for the samplers in `ldm.samplers.k_samplers`.
+"""Noise-level (sigma) schedules for the samplers in `ldm.samplers`.
 
 Everything here is in the variance-exploding parameterisation x = x0 + sigma * eps, which is the
 discrete DDPM model's x_t / sqrt(alpha_bar_t): sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t).

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ldm.samplers.k_samplers import SAMPLERS
+from ldm.samplers.registry import SAMPLERS
 from ldm.samplers.schedules import discrete_sigmas, karras_sigmas, sd_v1_alphas_cumprod, sigmas_from_alphas_cumprod
 
 DTYPE = torch.float64

@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from ldm.checkpoint_io import read_state_dict
+from ldm.files.checkpoints import read_state_dict
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.training.ema import LitEma
 from ldm.util import get_obj_from_str

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ldm.modules.distributions import DiagonalGaussianDistribution
-from ldm.modules.tiling import decode_tiled
+from ldm.speed.hooks import decode_tiled
 from ldm.util import instantiate_from_config
 
 SCHEDULE_BUFFERS = (

@@ -13,9 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.feature_reuse import FeatureReuse
 from ldm.modules.attention import SpatialTransformer, repeat_to_batch
-from ldm.modules.weight_cast import compute_dtype
+from ldm.speed.hooks import FeatureReuse, compute_dtype
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -196,9 +195,9 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(model_channels, out_channels, 3, padding=1))
-        self.feature_reuse: FeatureReuse | None = None  # set by ldm.feature_reuse.reuse_features
-        # Run a guidance batch's two identical halves once up to the first cross-attention (`forward`); set
-        # by ldm.load where it pays and may change the last bits (ldm.runtime.Runtime.shares_guidance_prefix).
+        self.feature_reuse: FeatureReuse | None = None  # set by ldm.speed.feature_reuse.reuse_features
+        # Run a guidance batch's two identical halves once up to the first cross-attention (`forward`); set by
+        # ldm.generation.load where it pays and may change the last bits (Runtime.shares_guidance_prefix).
         self.shares_guidance_prefix = False
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -208,7 +207,7 @@ class UNetModel(nn.Module):
         reuse = self.feature_reuse
         full = reuse is None or reuse.next_is_full(h)
         n = len(self.output_blocks)
-        # A shallow call (feature reuse, see ldm.feature_reuse) runs only the outer depth + 1 blocks of each half.
+        # A shallow call (feature reuse, see ldm.speed.feature_reuse) runs only the outer depth + 1 blocks of each half.
         outer = len(self.input_blocks) if full else reuse.depth + 1
         if self.shares_guidance_prefix and _identical_halves(h, timesteps):
             # Classifier-free guidance stacks the same latents twice, for two contexts. Until a cross-attention

@@ -90,9 +90,8 @@ def merge_tokens(model, ratio: float) -> Iterator[None]:
         yield
         return
     unet = model.model.diffusion_model
-    from ldm.modules.attention import SpatialTransformer
-
-    outer = [m for m in unet.modules() if isinstance(m, SpatialTransformer) and m.in_channels == unet.model_channels]
+    # The spatial transformers (the modules with this switch) of the full-resolution level.
+    outer = [m for m in unet.modules() if hasattr(m, "token_merge_ratio") and m.in_channels == unet.model_channels]
     for m in outer:
         m.token_merge_ratio = ratio
     try:

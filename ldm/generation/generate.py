@@ -14,19 +14,20 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from ldm.checks import check_finite
-from ldm.feature_reuse import reuse_features
-from ldm.mapped_file import trim_heap
+from ldm.files.mapped_file import trim_heap
+from ldm.generation.checks import check_finite
+from ldm.generation.prompts import encode_pair, uses_custom_path
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.models.diffusion.sampling_common import DiscreteSampler, guided_eps
-from ldm.modules.weight_cast import compute_in
-from ldm.prompts import encode_pair, uses_custom_path
-from ldm.runtime import Runtime, dtype_name
-from ldm.samplers.k_samplers import SAMPLERS as K_SAMPLERS
-from ldm.samplers.k_samplers import SamplerInfo, denoiser_from_eps
+from ldm.samplers.common import denoiser_from_eps
+from ldm.samplers.registry import SAMPLERS as K_SAMPLERS
+from ldm.samplers.registry import SamplerInfo
 from ldm.samplers.schedules import discrete_sigmas, karras_sigmas, sigmas_from_alphas_cumprod
-from ldm.token_merge import merge_tokens
+from ldm.speed.feature_reuse import reuse_features
+from ldm.speed.runtime import Runtime, dtype_name
+from ldm.speed.token_merge import merge_tokens
+from ldm.speed.weight_cast import compute_in
 from ldm.util import is_compiled, seed_everything
 
 # The original's samplers, exact to its images; they run on the DDIM sub-schedule of the model's steps.
@@ -65,14 +66,14 @@ class SampleSettings:
     seed: int = 42
     fixed_code: bool = False
     schedule: str = "discrete"
-    # Long prompts in 75-token windows (None: only when a prompt uses weighting syntax), see ldm.prompts.
+    # Long prompts in 75-token windows (None: only when a prompt uses weighting syntax), see ldm.generation.prompts.
     chunking: bool | None = None
-    # Decode in tiles of this many pixels (None: the whole image at once), see ldm.modules.tiling.
+    # Decode in tiles of this many pixels (None: the whole image at once), see ldm.speed.tiling.
     vae_tile: int | None = None
     # One full UNet call every `reuse_interval` calls, deep features reused between (<= 1: off), see
-    # ldm.feature_reuse.
+    # ldm.speed.feature_reuse.
     reuse_interval: int = 0
-    # Share of tokens merged before each full-resolution self-attention (0: off), see ldm.token_merge.
+    # Share of tokens merged before each full-resolution self-attention (0: off), see ldm.speed.token_merge.
     token_merge: float = 0.0
 
     @property
@@ -206,7 +207,7 @@ def conditioning(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(cond, uncond) for a batch. Plain prompts take the original's path exactly: the unconditional
     batch is n_samples copies of the negative prompt (the original's "" by default), cut to the batch.
-    Weighting syntax or `s.chunking` switch to `ldm.prompts` (weighted tokens, 75-token windows)."""
+    Weighting syntax or `s.chunking` switch to `ldm.generation.prompts` (weighted tokens, 75-token windows)."""
     negatives = list(negatives)
     if any(uses_custom_path(t, s.chunking) for t in (*prompts, *negatives)):
         cond, uncond = encode_pair(model.cond_stage_model, list(prompts), negatives, chunking=s.chunking)

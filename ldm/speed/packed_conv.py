@@ -15,7 +15,7 @@ costs one reorder, once. The packed weight is an opaque oneDNN
 tensor with the plain weight's shape and dtype; it replaces the plain one, so the weights are not held twice.
 `state_dict()` gives the plain weight back; `Module.to()` and `load_state_dict()` unpack first, so
 checkpoints, `free_weights` and peers see an ordinary Conv2d.
-Inference only: the packed op has no backward. `ldm.runtime.Runtime.packs_convolutions` decides when.
+Inference only: the packed op has no backward. `ldm.speed.runtime.Runtime.packs_convolutions` decides when.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ldm.mapped_file import trim_heap
+from ldm.files.mapped_file import trim_heap
 
 
 def _mkldnn_ops_available() -> bool:
@@ -40,7 +40,7 @@ class PackedConv2d(nn.Conv2d):
 
     def fused(self, x: torch.Tensor, bias: torch.Tensor | None = None, add: torch.Tensor | None = None) -> torch.Tensor:
         """The convolution, with `bias` instead of its own and `add` (shaped as the output) added to the float32
-        accumulator: one rounding to the output dtype instead of one per step (ldm.modules.fused_epilogues)."""
+        accumulator: one rounding to the output dtype instead of one per step (ldm.speed.fused_epilogues)."""
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError("a packed convolution is for inference: it has no backward (unpack_convolutions)")
         if not self.weight.is_mkldnn or self.packed_for != x.shape:
@@ -58,7 +58,7 @@ class PackedConv2d(nn.Conv2d):
             plain = self.weight.to_dense()
         else:
             plain = self.weight.detach()
-            self.plain_channels_last = not plain.is_contiguous()  # NHWC, as ldm.load lays out weights for it
+            self.plain_channels_last = not plain.is_contiguous()  # NHWC, as ldm.generation.load lays out weights for it
         packed = torch.ops.mkldnn._reorder_convolution_weight(
             plain, list(self.padding), list(self.stride), list(self.dilation), self.groups, list(input_size)
         )

@@ -24,8 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ldm.feature_reuse import reuse_features
-from ldm.generate import (
+from ldm.generation.generate import (
     ORIGINAL_SAMPLERS,
     BatchResult,
     SampleSettings,
@@ -41,8 +40,9 @@ from ldm.generate import (
     solver_sigmas,
 )
 from ldm.models.diffusion.sampling_common import DDIMSchedule, stochastic_encode
-from ldm.runtime import Runtime
-from ldm.token_merge import merge_tokens
+from ldm.speed.feature_reuse import reuse_features
+from ldm.speed.runtime import Runtime
+from ldm.speed.token_merge import merge_tokens
 from ldm.util import seed_everything
 
 

@@ -14,13 +14,15 @@ Precisions:
 from __future__ import annotations
 
 import contextlib
-import functools
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from ldm.speed import native
+from ldm.speed.cpu import cpu_flags
 
 PRECISIONS = ("full", "autocast", "bf16", "fp16")
 _HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -41,12 +43,12 @@ class Runtime:
     # layout on GPUs. Changes float32 results in the last bits (a different summation order), so float32 runs
     # keep the original's layout unless asked; see `resolve_runtime` for when it is on by default.
     channels_last: bool = False
-    # torch.compile the UNet (ldm.load.compile_unet): faster steps after a compile in each new process.
+    # torch.compile the UNet (ldm.generation.load.compile_unet): faster steps after a compile in each new process.
     compile: bool = False
     # Its torch.compile mode (None: torch's default); e.g. "reduce-overhead" adds CUDA graphs on a GPU.
     compile_mode: str | None = None
-    # bf16 attention by ldm.native's AVX512-BF16 kernel where it supports the shape (ldm.load applies it when
-    # the kernel builds); changes bf16 results within bf16 rounding. See `resolve_runtime` for the default.
+    # bf16 attention by ldm.speed.native's AVX512-BF16 kernel where it supports the shape (ldm.generation.load
+    # applies it when the kernel builds); changes bf16 results within bf16 rounding. See `resolve_runtime`.
     native_attention: bool = False
 
     @property
@@ -76,14 +78,14 @@ class Runtime:
 
     @property
     def packs_convolutions(self) -> bool:
-        """Convolution weights packed once for oneDNN (ldm.modules.packed_conv): on a CPU in NHWC, where it gives
+        """Convolution weights packed once for oneDNN (ldm.speed.packed_conv): on a CPU in NHWC, where it gives
         the eager NHWC bits faster. Not under compile (its freezing packs them) nor when weights are cast per
         call (their dtype changes at every call)."""
         return self.device.type == "cpu" and self.channels_last and not self.compile and not self.casts_weights
 
     @property
     def fuses_epilogues(self) -> bool:
-        """Elementwise work folded into the preceding products (ldm.modules.fused_epilogues): with packed
+        """Elementwise work folded into the preceding products (ldm.speed.fused_epilogues): with packed
         convolutions in bf16, where it is faster and at least as close to float32."""
         return self.packs_convolutions and self.arithmetic_dtype == torch.bfloat16
 
@@ -111,10 +113,8 @@ class Runtime:
         if self.shares_guidance_prefix:
             text += ", guidance halves shared to the first cross-attention"
         if self.native_attention:
-            from ldm import native
-
             kernel = native.kernel()
-            text += ", attention by ldm.native's AVX512-BF16 kernel" if kernel.function else ""
+            text += ", attention by ldm.speed.native's AVX512-BF16 kernel" if kernel.function else ""
         if self.compile:
             text += ", UNet compiled"
         return text
@@ -124,23 +124,13 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as Linux lists them (empty elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return frozenset(next((line for line in f if line.startswith("flags")), "").split()[2:])
-    except OSError:
-        return frozenset()
-
-
 def cpu_has_bf16() -> bool:
     """AVX512-BF16 or AMX-BF16: the CPU instructions that make bf16 matmuls and convolutions fast."""
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def cpu_prefers_native_attention() -> bool:
-    """AVX512-BF16 without AMX (AMD Zen 4 and later, some Intel CPUs): where ldm.native's bf16 attention
+    """AVX512-BF16 without AMX (AMD Zen 4 and later, some Intel CPUs): where ldm.speed.native's bf16 attention
     kernel measured 2.7x faster than PyTorch's flash kernel. With AMX, PyTorch's kernel runs on its tile
     units (0.08 s for SD's largest self-attention at 2 threads on a Xeon, against the kernel's 0.17 s on a
     Zen 4), so it is left alone there."""
@@ -151,7 +141,7 @@ def cpu_prefers_native_attention() -> bool:
 def native_attention_pays(
     device: torch.device, weight_dtype: torch.dtype, compute_dtype: torch.dtype | None, compile: bool
 ) -> bool:
-    """bf16 arithmetic on a CPU that prefers ldm.native's attention, not compiled (inductor would stop at the
+    """bf16 arithmetic on a CPU that prefers ldm.speed.native's attention, not compiled (inductor would stop at the
     foreign call): the default of `Runtime.native_attention`."""
     bf16_arithmetic = weight_dtype == torch.bfloat16 and compute_dtype is None
     return device.type == "cpu" and bf16_arithmetic and not compile and cpu_prefers_native_attention()

@@ -1,12 +1,12 @@
 """The Python API: load a model once, then txt2img / img2img / inpaint, each returning PIL images.
 
-    from ldm.pipeline import Pipeline
+    from ldm.generation.pipeline import Pipeline
     pipe = Pipeline.from_config("configs/demo/digits.yaml")          # its checkpoint named in the config
     digits = pipe.txt2img("a handwritten digit 7", n=4, seed=1)
     variations = pipe.img2img(digits[0], "a handwritten digit 1", strength=0.6)
 
 Settings default to the config's `txt2img:` section, then to the original txt2img's defaults. The
-sampling code is the CLI's (`ldm.generate`, `ldm.img2img`), so a seed gives the CLI's image.
+sampling code is the CLI's (`ldm.generation.generate`, `ldm.generation.img2img`), so a seed gives the CLI's image.
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm.generate import SampleSettings, check_sampler, generate
-from ldm.image_input import MULTIPLE, load_image_array, load_mask, to_model_range
-from ldm.image_io import to_uint8_images
-from ldm.img2img import composite, generate_img2img
-from ldm.load import load_config, load_model, resolve_config_path
-from ldm.runtime import Runtime, resolve_runtime
+from ldm.files.image_input import MULTIPLE, load_image_array, load_mask, to_model_range
+from ldm.files.image_output import to_uint8_images
+from ldm.generation.generate import SampleSettings, check_sampler, generate
+from ldm.generation.img2img import composite, generate_img2img
+from ldm.generation.load import load_config, load_model, resolve_config_path
+from ldm.speed.runtime import Runtime, resolve_runtime
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / "configs" / "demo" / "digits.yaml"
 # The original txt2img's flag defaults, under their flag names, for configs without a `txt2img:` section.
 ORIGINAL_DEFAULTS = {"H": 512, "W": 512, "C": 4, "f": 8, "ddim_steps": 50, "sampler": "plms", "scale": 7.5}
@@ -94,9 +94,9 @@ class Pipeline:
         vae_tile: int | None = None,
         tome: float = 0.0,
     ) -> list[Image.Image]:
-        """`deepcache=N` runs the full UNet every N-th call only (ldm.feature_reuse); `vae_tile` decodes in tiles
-        of that many pixels (ldm.modules.tiling); `tome=RATIO` merges tokens before the full-resolution
-        self-attentions (ldm.token_merge). Each saves time or memory and changes the pixels a little."""
+        """`deepcache=N` runs the full UNet every N-th call only (ldm.speed.feature_reuse); `vae_tile` decodes in tiles
+        of that many pixels (ldm.speed.tiling); `tome=RATIO` merges tokens before the full-resolution
+        self-attentions (ldm.speed.token_merge). Each saves time or memory and changes the pixels a little."""
         s = self.settings(
             steps=steps,
             sampler=sampler,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.runtime import cpu_flags
+from ldm.speed.cpu import cpu_flags
 
 SOURCE = Path(__file__).with_name("attention_bf16.cpp")
 FLAGS = ["-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fPIC", "-shared"]

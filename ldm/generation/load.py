@@ -18,15 +18,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from ldm import native
-from ldm.checkpoint_io import CheckpointError, read_state_dict
-from ldm.mapped_file import MappedFile
+from ldm.files.checkpoints import CheckpointError, read_state_dict
+from ldm.files.mapped_file import MappedFile
 from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS
 from ldm.modules.attention import CrossAttention
-from ldm.modules.fused_epilogues import fuse_epilogues
-from ldm.modules.packed_conv import pack_convolutions
-from ldm.modules.weight_cast import compute_in
-from ldm.runtime import Runtime
+from ldm.speed import native
+from ldm.speed.fused_epilogues import fuse_epilogues
+from ldm.speed.packed_conv import pack_convolutions
+from ldm.speed.runtime import Runtime
+from ldm.speed.weight_cast import compute_in
 from ldm.util import instantiate_from_config
 
 # Keys real SD v1 files carry that the model rightly does not have.
@@ -167,12 +167,12 @@ def build_model(
 
 
 def use_native_attention(model: nn.Module) -> bool:
-    """Route the model's attention through ldm.native's bf16 kernel (PyTorch's for shapes it lacks); if the
+    """Route the model's attention through ldm.speed.native's bf16 kernel (PyTorch's for shapes it lacks); if the
     kernel cannot be had here, say why once and keep PyTorch's."""
     kernel = native.kernel()
     if kernel.function is None:
         warnings.warn(
-            f"attention stays PyTorch's: ldm.native's bf16 kernel is unavailable ({kernel.why_not})", stacklevel=3
+            f"attention stays PyTorch's: ldm.speed.native's bf16 kernel is unavailable ({kernel.why_not})", stacklevel=3
         )
         return False
     for module in model.modules():

@@ -9,7 +9,7 @@ Float32 runs are not touched: they keep the original's bits.
 
 `fuse_epilogues` swaps the classes of the UNet's blocks for the subclasses below. Weights, checkpoint keys and
 state dicts stay as they were. Each fused forward falls back to its parent's under autograd, and where its
-products are not oneDNN's. `ldm.runtime.Runtime.fuses_epilogues` decides when.
+products are not oneDNN's. `ldm.speed.runtime.Runtime.fuses_epilogues` decides when.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from torch import nn
 
 from ldm.modules.attention import GEGLU, BasicTransformerBlock, SpatialTransformer, repeat_to_batch
 from ldm.modules.diffusionmodules.openaimodel import ResBlock
-from ldm.modules.packed_conv import PackedConv2d
-from ldm.token_merge import Merge
+from ldm.speed.packed_conv import PackedConv2d
+from ldm.speed.token_merge import Merge
 
 _mkldnn = torch.ops.mkldnn
 

@@ -1,6 +1,6 @@
 """Convert any SD v1 checkpoint into a ``.safetensors`` file, so it never needs unpickling again.
 
-The source is read with :func:`ldm.checkpoint_io.read_state_dict` (no pickle code runs), and the
+The source is read with :func:`ldm.files.checkpoints.read_state_dict` (no pickle code runs), and the
 output keeps the original flat key names (``model.diffusion_model.*``, ``first_stage_model.*``,
 ``cond_stage_model.transformer.text_model.*``), so every SD tool -- and our own loader -- reads it
 like the ``.ckpt`` it came from.  The file is written beside its destination and moved into place
@@ -15,7 +15,7 @@ from collections import Counter
 
 import torch
 
-from ldm.checkpoint_io import CheckpointError, read_state_dict
+from ldm.files.checkpoints import CheckpointError, read_state_dict
 
 __all__ = ["convert_checkpoint", "EMA_PREFIX", "DROPPED_KEYS"]
 

@@ -1,5 +1,5 @@
 """Layers that store 16-bit weights but compute in float32: half the memory at float32's speed and accuracy
-of arithmetic, for CPUs that have no fast 16-bit instructions (`ldm.runtime` decides when).
+of arithmetic, for CPUs that have no fast 16-bit instructions (`ldm.speed.runtime` decides when).
 
 Each layer's weights are cast when it runs and dropped right after, so only one layer's float32 copy
 exists at a time. Modules keep their attribute paths and state-dict keys; only `forward` changes.

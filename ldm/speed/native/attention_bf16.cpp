@@ -1,4 +1,4 @@
-// Flash attention in bf16 for CPUs with AVX512-BF16 (built and loaded by ldm/native/__init__.py).
+// Flash attention in bf16 for CPUs with AVX512-BF16 (built and loaded by ldm/speed/native/__init__.py).
 //
 // Why: PyTorch's CPU flash kernel spends most of its time outside the products for SD's head size 40 (on a
 // Zen 4 core, 0.46 s for one [2, 8, 4096, 40] self-attention, where the products need about 0.1 s). Here both
