@@ -74,6 +74,8 @@ def build_module(config: DictConfig):
     """The training module: `training.target` given `model.params` and `training.params`."""
     params = {**OmegaConf.to_container(config.model.get("params", {}), resolve=True)}
     params.update(OmegaConf.to_container(config.training.get("params", {}) or {}, resolve=True))
+    if config.get("lora") is not None:  # a LoRA run: ldm.training.lora.LoraTrainer takes the section as is
+        params["lora"] = OmegaConf.to_container(config.lora, resolve=True)
     return get_obj_from_str(config.training.target)(**params)
 
 

@@ -18,5 +18,11 @@ setup(
     python_requires=">=3.10",
     install_requires=requirements("requirements.txt"),
     extras_require={"test": requirements("requirements-test.txt")},
-    entry_points={"console_scripts": ["ldm-txt2img = ldm.cli.txt2img:main", "ldm-img2img = ldm.cli.img2img:main"]},
+    entry_points={
+        "console_scripts": [
+            "ldm-txt2img = ldm.cli.txt2img:main",
+            "ldm-img2img = ldm.cli.img2img:main",
+            "ldm-serve = ldm.serve.main:main",
+        ]
+    },
 )

@@ -2,9 +2,9 @@
 
 Small random configs, float32 on the CPU. Our model gets deterministic random weights (norm scales and
 offsets away from 1/0, every "zero-initialised" output conv non-zero), its state dict is renamed to
-diffusers' keys by the mapping written here, loaded into the diffusers model with strict=True, and both
-models run on the same inputs. diffusers is a test-only dependency and is imported unconditionally: a
-missing install is an error, never a silent skip.
+diffusers' keys by the mapping in ldm.adapters.naming (UNet) and here (VAE), loaded into the diffusers model
+with strict=True, and both models run on the same inputs. diffusers is a test-only dependency and is imported
+unconditionally: a missing install is an error, never a silent skip.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, con
 from diffusers.models.attention_processor import AttnProcessor
 from torch import nn
 
+from ldm.adapters.naming import UNET_RENAMES as NAMING_RENAMES
+from ldm.adapters.naming import unet_block_map
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 
@@ -120,55 +122,9 @@ UNET_CONFIGS: dict[str, dict[str, Any]] = {
     ),
 }
 
-UNET_RESNET_RENAMES = (
-    ("in_layers.0.", "norm1."),
-    ("in_layers.2.", "conv1."),
-    ("emb_layers.1.", "time_emb_proj."),
-    ("out_layers.0.", "norm2."),
-    ("out_layers.3.", "conv2."),
-    ("skip_connection.", "conv_shortcut."),
-)
-# Spatial transformers (norm, proj_in, transformer_blocks.*, proj_out) already use diffusers' names.
-UNET_RENAMES = {"resnet": UNET_RESNET_RENAMES, "transformer": ()}
-
-
-def unet_block_map(channel_mult: Sequence[int], num_res_blocks: int, attention_resolutions: Sequence[int]) -> BlockMap:
-    levels = len(channel_mult)
-    m: BlockMap = {
-        "time_embed.0.": ("time_embedding.linear_1.", "plain"),
-        "time_embed.2.": ("time_embedding.linear_2.", "plain"),
-        "input_blocks.0.0.": ("conv_in.", "plain"),
-        "middle_block.0.": ("mid_block.resnets.0.", "resnet"),
-        "middle_block.1.": ("mid_block.attentions.0.", "transformer"),
-        "middle_block.2.": ("mid_block.resnets.1.", "resnet"),
-        "out.0.": ("conv_norm_out.", "plain"),
-        "out.2.": ("conv_out.", "plain"),
-    }
-    k = 1
-    for level in range(levels):
-        attn = 2**level in attention_resolutions
-        for j in range(num_res_blocks):
-            m[f"input_blocks.{k}.0."] = (f"down_blocks.{level}.resnets.{j}.", "resnet")
-            if attn:
-                m[f"input_blocks.{k}.1."] = (f"down_blocks.{level}.attentions.{j}.", "transformer")
-            k += 1
-        if level != levels - 1:
-            m[f"input_blocks.{k}.0.op."] = (f"down_blocks.{level}.downsamplers.0.conv.", "plain")
-            k += 1
-    k = 0
-    for up in range(levels):  # diffusers' up_blocks run from the lowest resolution up
-        level = levels - 1 - up
-        attn = 2**level in attention_resolutions
-        for j in range(num_res_blocks + 1):
-            m[f"output_blocks.{k}.0."] = (f"up_blocks.{up}.resnets.{j}.", "resnet")
-            sub = 1
-            if attn:
-                m[f"output_blocks.{k}.1."] = (f"up_blocks.{up}.attentions.{j}.", "transformer")
-                sub = 2
-            if level != 0 and j == num_res_blocks:
-                m[f"output_blocks.{k}.{sub}.conv."] = (f"up_blocks.{up}.upsamplers.0.conv.", "plain")
-            k += 1
-    return m
+# The UNet block map lives in ldm.adapters.naming (LoRA files name layers in either layout); it is checked here,
+# against diffusers' own converter and by running both models.
+UNET_RENAMES = NAMING_RENAMES
 
 
 def make_our_unet(cfg: dict[str, Any], seed: int = 0) -> UNetModel:

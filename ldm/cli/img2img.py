@@ -65,11 +65,12 @@ def run(opt: argparse.Namespace) -> list[str]:
     config, runtime, ckpt = t2i.prepare(opt)
     if OmegaConf.select(config, "model.params.conditioning_key", default=None) == "hybrid" and mask is None:
         raise UsageError(f"{opt.config} is an inpainting model: give --mask (white = repaint)")
-    batches, negatives = t2i.split_negatives(t2i.read_batches(opt), opt.negative_prompt)
-    if len({n for batch in negatives for n in batch}) > 1:
+    batches, shown_negatives = t2i.split_negatives(t2i.read_batches(opt), opt.negative_prompt)
+    if len({n for batch in shown_negatives for n in batch}) > 1:
         raise UsageError("img2img takes one negative prompt for the run (--negative_prompt), not one per line")
+    batches, negatives, plan, shown = t2i.plan_run_adapters(opt, batches, shown_negatives)
     settings = t2i.settings_from(opt)
-    model, writer = t2i.load_for_run(opt, config, runtime, ckpt, batches, settings)
+    model, writer, adapter_fields = t2i.load_for_run(opt, config, runtime, ckpt, batches, settings, plan)
     print(f"target t_enc is {int(opt.strength * opt.ddim_steps)} steps")
     runs = generate_img2img(
         model,
@@ -83,14 +84,16 @@ def run(opt: argparse.Namespace) -> list[str]:
         progress=not opt.quiet,
         low_memory=opt.low_memory,
     )
-    fields = {**t2i.infotext_fields(settings, ckpt), "Denoising strength": opt.strength}
+    fields = {**t2i.infotext_fields(settings, ckpt), "Denoising strength": opt.strength, **adapter_fields}
     if mask is not None:
         fields["Mask blur"] = opt.mask_blur
 
     def finish(images: np.ndarray) -> list[np.ndarray]:
         return [composite(rgb, im, mask[0]) for im in images]
 
-    return t2i.save_runs(opt, runs, writer, fields, negatives, finish=None if mask is None else finish)
+    return t2i.save_runs(
+        opt, runs, writer, fields, shown_negatives, finish=None if mask is None else finish, shown=shown
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,7 +7,7 @@ import argparse
 import os
 from collections.abc import Sequence
 
-from ldm.generation.generate import SAMPLER_NAMES
+from ldm.generation.generate import SAMPLER_NAMES, VAES
 from ldm.generation.load import load_config, resolve_config_path
 from ldm.speed.runtime import PRECISIONS
 
@@ -28,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
 
 # torch.manual_seed's range (negative seeds wrap, as they always did here).
 SEED_RANGE = (-(2**63), 2**64 - 1)
-PATH_FLAGS = ("outdir", "from_file", "config", "ckpt")
+PATH_FLAGS = ("outdir", "from_file", "config", "ckpt", "lora_dir", "embeddings_dir")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +52,21 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"one of {', '.join(SAMPLER_NAMES)}; 'list' describes them (default ddim, or plms with --plms)",
     )
     p.add_argument("--karras", action="store_true", help="Karras et al. noise levels (not for ddim/plms)")
+    p.add_argument(
+        "--vae",
+        choices=VAES,
+        default="full",
+        help="full: the model's VAE; taesd: the tiny autoencoder (--taesd or the config's taesd: section), a fraction "
+        "of the decode time for a little less detail (img2img also encodes with it)",
+    )
+    p.add_argument(
+        "--taesd",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="the tiny autoencoder's files for --vae taesd: taesd_decoder.pth (+ taesd_encoder.pth for img2img), "
+        ".safetensors of either, or diffusers' diffusion_pytorch_model.safetensors; repeat for two files",
+    )
     p.add_argument("--fixed_code", action="store_true", help="use the same starting code for every batch")
     p.add_argument("--ddim_eta", type=float, default=0.0, help="ddim eta (eta=0.0 is deterministic sampling)")
     p.add_argument("--n_iter", type=int, default=2, help="sample this often")
@@ -149,6 +164,28 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="encode prompts past 75 tokens in extra 75-token windows instead of cutting them off "
         "(always on for prompts with (word:1.3)-style weighting)",
+    )
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:WEIGHT]",
+        help="merge this LoRA (kohya or diffusers .safetensors, or .pt) into the model at WEIGHT (default 1) for "
+        "the run; repeat for several. <lora:NAME:WEIGHT> in a prompt does the same with --lora_dir/NAME",
+    )
+    p.add_argument("--lora_dir", default="models/lora", help="where <lora:NAME:WEIGHT> prompt tags find NAME")
+    p.add_argument(
+        "--embedding",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="textual-inversion embedding (A1111 .pt/.safetensors or diffusers learned_embeds); its file name (or "
+        "stored token) is the word that triggers it in prompts; repeat for several",
+    )
+    p.add_argument(
+        "--embeddings_dir",
+        default="models/embeddings",
+        help="embeddings here are used when their file name appears as a word in a prompt or negative prompt",
     )
     return p
 

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from ldm.adapters import AdapterError, apply_adapters
+from ldm.adapters.prompt_tags import AdapterPlan, plan_adapters
 from ldm.cli.options import DEFAULT_CKPT, PATH_FLAGS, SEED_RANGE, UsageError, parse_args
 from ldm.files.checkpoints import CheckpointError, prefer_safetensors
 from ldm.files.image_output import OutputWriter, Watermarker, grid_to_uint8, make_grid, to_uint8_images, to_unit_range
@@ -34,7 +36,7 @@ from ldm.generation.generate import (
     generate,
     prompt_batches,
 )
-from ldm.generation.load import load_config, load_model
+from ldm.generation.load import attach_tiny_autoencoder, load_config, load_model
 from ldm.generation.prompts import dropped_words
 from ldm.speed.runtime import RuntimeChoiceError, resolve_runtime
 
@@ -60,6 +62,21 @@ def split_negatives(batches: list[list[str]], default: str) -> tuple[list[list[s
     prompts = [[line.split("\t", 1)[0] for line in batch] for batch in batches]
     negatives = [[line.split("\t", 1)[1] if "\t" in line else default for line in batch] for batch in batches]
     return prompts, negatives
+
+
+def plan_run_adapters(
+    opt: argparse.Namespace, batches: list[list[str]], negatives: list[list[str]]
+) -> tuple[list[list[str]], list[list[str]], AdapterPlan, list[list[str]]]:
+    """Prompts and negative prompts without their <lora:...> tags, the run's LoRAs and embeddings, and the prompts
+    as the PNG records them: as given, plus a tag for each --lora flag, so the file says which LoRAs at what
+    weight (AUTOMATIC1111 reads them back the same way)."""
+    texts = [t for batch in (*batches, *negatives) for t in batch]
+    stripped, plan = plan_adapters(
+        texts, getattr(opt, "lora", []), getattr(opt, "embedding", []),
+        getattr(opt, "lora_dir", "models/lora"), getattr(opt, "embeddings_dir", "models/embeddings"),
+    )  # fmt: skip
+    shown = [[f"{p} {plan.flag_tags}" if plan.flag_tags else p for p in batch] for batch in batches]
+    return [[stripped[p] for p in b] for b in batches], [[stripped[p] for p in b] for b in negatives], plan, shown
 
 
 def warn_truncated(model, batches: list[list[str]], chunking: bool | None) -> None:
@@ -99,7 +116,7 @@ def validate(opt: argparse.Namespace) -> None:
     if opt.plms and opt.sampler not in (None, "plms"):
         raise UsageError(f"--plms and --sampler {opt.sampler!r} disagree; give one of them")
     try:
-        check_sampler(sampler_name(opt), "karras" if opt.karras else "discrete")
+        check_sampler(sampler_name(opt), "karras" if opt.karras else "discrete", opt.ddim_steps)
     except ValueError as e:
         raise UsageError(str(e)) from None
     if opt.f < 1 or opt.H % opt.f or opt.W % opt.f or opt.H < opt.f or opt.W < opt.f:
@@ -228,15 +245,33 @@ def settings_from(opt: argparse.Namespace) -> SampleSettings:
         vae_tile=opt.vae_tile,
         reuse_interval=opt.deepcache,
         token_merge=opt.tome,
+        vae=opt.vae,
     )
 
 
 def load_for_run(
-    opt: argparse.Namespace, config, runtime, ckpt: str, batches: list[list[str]], settings: SampleSettings
+    opt: argparse.Namespace,
+    config,
+    runtime,
+    ckpt: str,
+    batches: list[list[str]],
+    settings: SampleSettings,
+    plan: AdapterPlan | None = None,
 ):
+    """The model (with the plan's LoRAs merged and embeddings added), the image writer, and the PNG fields that
+    name the LoRAs and embeddings."""
     if ckpt != opt.ckpt:
         print(f"Using {ckpt} in place of {opt.ckpt}: a .safetensors file needs no unpickling")
     model = load_model(config, ckpt, runtime)
+    if opt.vae == "taesd":
+        try:
+            attach_tiny_autoencoder(model, config, runtime, opt.taesd, opt.config)
+        except ValueError as e:  # a missing, unsafe or misfit file: one line, as every bad input
+            raise UsageError(str(e)) from None
+    fields: dict[str, str] = {}
+    if plan:
+        fields = apply_adapters(model, plan.loras, plan.embeddings).infotext_fields()
+        print(f"Applied {len(plan.loras)} LoRA(s) and {len(plan.embeddings)} embedding(s)")
     warn_truncated(model, batches, settings.chunking)
     # Only now that the model loaded: a run that fails before this leaves no new directory behind.
     try:
@@ -245,7 +280,7 @@ def load_for_run(
     except OSError as e:
         raise UsageError(f"cannot write to --outdir {opt.outdir}: {e.strerror or e}") from None
     print(f"Sampling on {runtime.describe()}", flush=True)
-    return model, writer
+    return model, writer, fields
 
 
 def infotext_fields(settings: SampleSettings, ckpt: str) -> dict[str, object]:
@@ -266,6 +301,8 @@ def infotext_fields(settings: SampleSettings, ckpt: str) -> dict[str, object]:
         fields["Token merging ratio"] = settings.token_merge
     if settings.vae_tile is not None:
         fields["VAE tile"] = settings.vae_tile
+    if settings.vae != "full":
+        fields["VAE"] = settings.vae
     return fields
 
 
@@ -276,9 +313,11 @@ def save_runs(
     fields: dict[str, object],
     negatives: list[list[str]],
     finish=None,
+    shown: list[list[str]] | None = None,
 ) -> list[str]:
     """Write each batch's samples (with their parameters) and the grid; `finish` maps a batch's uint8 images
-    to the ones to save (inpainting's composite), and the grid then shows those."""
+    to the ones to save (inpainting's composite), and the grid then shows those. `shown` are the prompts to
+    record, batch by batch (default: the ones sampled)."""
     written: list[str] = []
     grid_parts = []
     for b, batch in enumerate(runs):
@@ -290,7 +329,8 @@ def save_runs(
             unit = torch.from_numpy(np.stack(rgbs)).permute(0, 3, 1, 2).float() / 255.0
         if not opt.skip_save:
             negs = negatives[b % len(negatives)]
-            for i, (prompt, rgb) in enumerate(zip(batch.prompts, rgbs, strict=True)):
+            prompts = batch.prompts if shown is None else shown[b % len(shown)][: len(batch.prompts)]
+            for i, (prompt, rgb) in enumerate(zip(prompts, rgbs, strict=True)):
                 # Seed plus iteration and batch position identify the image within the run.
                 extra = {"Iteration": batch.iteration, "Batch pos": i}
                 info = format_infotext(prompt, {**fields, **extra}, negative_prompt=negs[i])
@@ -311,9 +351,10 @@ def run(opt: argparse.Namespace) -> list[str]:
     config, runtime, ckpt = prepare(opt)
     if OmegaConf.select(config, "model.params.conditioning_key", default=None) == "hybrid":
         raise UsageError(f"{opt.config} is an inpainting model: use scripts/img2img.py with --init-img and --mask")
-    batches, negatives = split_negatives(read_batches(opt), opt.negative_prompt)
+    batches, shown_negatives = split_negatives(read_batches(opt), opt.negative_prompt)
+    batches, negatives, plan, shown = plan_run_adapters(opt, batches, shown_negatives)
     settings = settings_from(opt)
-    model, writer = load_for_run(opt, config, runtime, ckpt, batches, settings)
+    model, writer, adapter_fields = load_for_run(opt, config, runtime, ckpt, batches, settings, plan)
     runs = generate(
         model,
         batches,
@@ -323,7 +364,8 @@ def run(opt: argparse.Namespace) -> list[str]:
         negative_prompt=negatives,
         low_memory=opt.low_memory,
     )
-    return save_runs(opt, runs, writer, infotext_fields(settings, ckpt), negatives)
+    fields = {**infotext_fields(settings, ckpt), **adapter_fields}
+    return save_runs(opt, runs, writer, fields, shown_negatives, shown=shown)
 
 
 def one_line(text: object) -> str:
@@ -380,7 +422,7 @@ def _main(argv: Sequence[str] | None, parse, runner) -> int:
         return 0
     try:
         runner(opt)
-    except (UsageError, CheckpointError, RuntimeChoiceError) as e:
+    except (UsageError, CheckpointError, RuntimeChoiceError, AdapterError) as e:
         return _fail(e, 2)
     except NonFiniteError as e:
         return _fail(e, 1)

@@ -75,6 +75,9 @@ class DigitsDataset(Dataset):
         val_fraction: float = 0.05,
         limit: int | None = None,
         seed: int = 0,
+        style: str | None = None,
+        trigger: str = "",
+        style_fraction: float = 0.5,
     ):
         if split not in ("train", "val", "all"):
             raise ValueError(f"split must be 'train', 'val' or 'all', not {split!r}")
@@ -89,13 +92,21 @@ class DigitsDataset(Dataset):
             order = order[:limit]
         self.images = upsample(images8[order], size)
         self.labels = torch.as_tensor(labels[order])
+        if style not in (None, "inverted"):
+            raise ValueError(f"style must be 'inverted' or None, not {style!r}")
+        # For a LoRA that teaches a style: that share of the items is drawn in it, its caption led by `trigger`;
+        # the rest stay as they are, so the prompts without the trigger keep their meaning.
+        self.style, self.trigger, self.style_fraction = style, trigger, style_fraction
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict:
         label = int(self.labels[i])
-        return {"image": self.images[i], "caption": random.choice(caption_variants(label)), "label": label}
+        image, caption = self.images[i], random.choice(caption_variants(label))
+        if self.style is not None and random.random() < self.style_fraction:
+            image, caption = -image, f"{self.trigger} {caption}".strip()  # "inverted": black ink on white
+        return {"image": image, "caption": caption, "label": label}
 
 
 def collate(items: Sequence[dict]) -> dict:
@@ -113,10 +124,19 @@ class DigitsDataModule:
     `Trainer.fit` asks of it, so importing this module does not import Lightning.
     """
 
-    def __init__(self, batch_size: int = 64, size: int = 32, val_fraction: float = 0.05, limit: int | None = None):
+    def __init__(
+        self,
+        batch_size: int = 64,
+        size: int = 32,
+        val_fraction: float = 0.05,
+        limit: int | None = None,
+        style: str | None = None,
+        trigger: str = "",
+    ):
         self.batch_size = batch_size
-        self.train = DigitsDataset("train", size=size, val_fraction=val_fraction, limit=limit)
-        self.val = DigitsDataset("val", size=size, val_fraction=val_fraction, limit=limit)
+        styled = dict(style=style, trigger=trigger)
+        self.train = DigitsDataset("train", size=size, val_fraction=val_fraction, limit=limit, **styled)
+        self.val = DigitsDataset("val", size=size, val_fraction=val_fraction, limit=limit, **styled)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train, batch_size=self.batch_size, shuffle=True, drop_last=True, collate_fn=collate)

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["CheckpointError", "read_state_dict", "is_safetensors"]
+__all__ = ["CheckpointError", "read_state_dict", "read_torch_object", "is_safetensors"]
 
 DEFAULT_CKPT_HINT = "models/ldm/stable-diffusion-v1/model.ckpt"
 """Where the original SD v1 repository expects the weights; named in 'not found' errors."""
@@ -299,6 +299,20 @@ def _reason(e: BaseException) -> str:
 
 
 def _read_torch(path: str, *, mmap: bool, is_zip: bool) -> tuple[dict[str, torch.Tensor], dict]:
+    return _extract_state_dict(path, _load_torch(path, mmap=mmap, is_zip=is_zip))
+
+
+def read_torch_object(path: str | os.PathLike) -> Any:
+    """What a ``.pt``/``.bin`` file holds (nested dicts of tensors, as textual-inversion files keep them), read
+    with the same restricted unpickler as checkpoints: no pickle code runs; anything else is a CheckpointError."""
+    path = os.fspath(path)
+    kind = _sniff(_check_file(path))
+    if kind not in ("zip", "pickle"):
+        raise CheckpointError(f"cannot read {path}: not a PyTorch .pt/.bin file; check that it is the file itself")
+    return _load_torch(path, mmap=False, is_zip=kind == "zip")
+
+
+def _load_torch(path: str, *, mmap: bool, is_zip: bool) -> Any:
     try:
         with torch.serialization.safe_globals(_allow_list()):
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
@@ -323,7 +337,7 @@ def _read_torch(path: str, *, mmap: bool, is_zip: bool) -> tuple[dict[str, torch
         ) from None
     except Exception as e:  # zip/stream errors, EOFError, OSError, ...: a bad file, not a bug to trace
         raise _corrupt(path, _reason(e)) from None
-    return _extract_state_dict(path, obj)
+    return obj
 
 
 def _extract_state_dict(path: str, obj: Any) -> tuple[dict[str, torch.Tensor], dict]:

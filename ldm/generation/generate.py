@@ -19,10 +19,11 @@ from ldm.generation.checks import check_finite
 from ldm.generation.prompts import encode_pair, uses_custom_path
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.plms import PLMSSampler
-from ldm.models.diffusion.sampling_common import DiscreteSampler, guided_eps
+from ldm.models.diffusion.sampling_common import DiscreteSampler, ddim_timesteps, guided_eps
 from ldm.samplers.common import denoiser_from_eps
+from ldm.samplers.lcm import lcm_denoiser, lcm_sigmas, lcm_timesteps
+from ldm.samplers.registry import CONSISTENCY_SAMPLERS, SamplerInfo
 from ldm.samplers.registry import SAMPLERS as K_SAMPLERS
-from ldm.samplers.registry import SamplerInfo
 from ldm.samplers.schedules import discrete_sigmas, karras_sigmas, sigmas_from_alphas_cumprod
 from ldm.speed.feature_reuse import reuse_features
 from ldm.speed.runtime import Runtime, dtype_name
@@ -36,10 +37,16 @@ ORIGINAL_DESCRIPTIONS = {
     "ddim": "DDIM as the original txt2img runs it (--ddim_eta adds noise); 1 UNet call per step",
     "plms": "PLMS as the original txt2img runs it (--plms); 1 UNet call per step, 2 on the first",
 }
-# The k-diffusion-style solvers; their DDIM/PLMS reference versions are left to the tests.
-SOLVERS: dict[str, SamplerInfo] = {k: v for k, v in K_SAMPLERS.items() if k not in ("ddim", "plms_sigma")}
+# The k-diffusion-style solvers (their DDIM/PLMS reference versions are left to the tests), and LCM.
+SOLVERS: dict[str, SamplerInfo] = {
+    **{k: v for k, v in K_SAMPLERS.items() if k not in ("ddim", "plms_sigma")},
+    **CONSISTENCY_SAMPLERS,
+}
 SAMPLER_NAMES = (*ORIGINAL_SAMPLERS, *SOLVERS)
 SCHEDULES = ("discrete", "karras")
+# Called after each sampling step of a batch with (step index, steps in this batch); it may raise to stop the
+# run there (the image service cancels and enforces time limits that way). It draws no random numbers.
+StepCallback = Callable[[int, int], None]
 
 
 def describe_samplers() -> str:
@@ -75,6 +82,8 @@ class SampleSettings:
     reuse_interval: int = 0
     # Share of tokens merged before each full-resolution self-attention (0: off), see ldm.speed.token_merge.
     token_merge: float = 0.0
+    # "full": the model's VAE; "taesd": the tiny autoencoder attached with `attach_tiny_autoencoder` (ldm.models.taesd).
+    vae: str = "full"
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -92,17 +101,26 @@ class BatchResult:
     decoded: torch.Tensor
 
 
-def check_sampler(name: str, schedule: str = "discrete") -> None:
+def check_sampler(name: str, schedule: str = "discrete", steps: int | None = None) -> None:
     if name not in SAMPLER_NAMES:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLER_NAMES)} (or --sampler list)")
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     if name in ORIGINAL_SAMPLERS and schedule != "discrete":
         raise ValueError(f"{name} runs the original's own step selection; --karras needs one of {', '.join(SOLVERS)}")
+    if name in CONSISTENCY_SAMPLERS and schedule != "discrete":
+        raise ValueError(f"{name} runs on the grid its model was distilled on; drop --karras")
+    if name in CONSISTENCY_SAMPLERS and steps is not None:
+        lcm_timesteps(steps)  # its step count is bounded by that grid: say so before any work
 
 
-def solver_sigmas(model, steps: int, schedule: str, device: torch.device) -> torch.Tensor:
-    """steps + 1 noise levels ending at 0: the model's own spacing, or Karras et al.'s over its range."""
+def solver_sigmas(
+    model, steps: int, schedule: str, device: torch.device, sampler: str = "", strength: float = 1.0
+) -> torch.Tensor:
+    """steps + 1 noise levels ending at 0: the model's own spacing, or Karras et al.'s over its range; for a
+    consistency sampler, its distillation grid (cut to the lower `strength` part for img2img)."""
+    if sampler in CONSISTENCY_SAMPLERS:
+        return lcm_sigmas(model.alphas_cumprod, steps, strength=strength, device=device)
     if schedule == "karras":
         trained = sigmas_from_alphas_cumprod(model.alphas_cumprod)
         return karras_sigmas(steps, float(trained[0]), float(trained[-1]), device=device)
@@ -119,16 +137,26 @@ def run_solver(
     generator: torch.Generator,
     progress: bool,
     wrap_denoiser: Callable | None = None,
+    step_callback: StepCallback | None = None,
 ) -> torch.Tensor:
     """Run the solver `s.sampler` from `x` along `sigmas`; guidance is applied inside the denoiser, which
     `wrap_denoiser` may wrap (inpainting pins the kept region's prediction to the known latents)."""
-    denoiser = denoiser_from_eps(lambda x_, t: guided_eps(model, x_, t, cond, uncond, s.scale), model.alphas_cumprod)
+    consistency = s.sampler in CONSISTENCY_SAMPLERS  # such models only ever saw integer timesteps
+    eps = lambda x_, t: guided_eps(model, x_, t, cond, uncond, s.scale)  # noqa: E731
+    denoiser = denoiser_from_eps(eps, model.alphas_cumprod, quantize=consistency)
+    if consistency:
+        denoiser = lcm_denoiser(denoiser, model.alphas_cumprod)
     if wrap_denoiser is not None:
         denoiser = wrap_denoiser(denoiser)
-    with tqdm(total=len(sigmas) - 1, desc=f"{s.sampler} sampler", disable=not progress, leave=False) as bar:
-        return SOLVERS[s.sampler].fn(
-            denoiser, x, sigmas, generator=generator, callback=lambda i, x_, denoised: bar.update(1)
-        )
+    total = len(sigmas) - 1
+    with tqdm(total=total, desc=f"{s.sampler} sampler", disable=not progress, leave=False) as bar:
+
+        def after_step(i: int, x_: torch.Tensor, denoised: torch.Tensor) -> None:
+            bar.update(1)
+            if step_callback is not None:
+                step_callback(i, total)
+
+        return SOLVERS[s.sampler].fn(denoiser, x, sigmas, generator=generator, callback=after_step)
 
 
 def solve(
@@ -139,10 +167,25 @@ def solve(
     x_T: torch.Tensor,
     generator: torch.Generator,
     progress: bool,
+    step_callback: StepCallback | None = None,
 ) -> torch.Tensor:
-    """txt2img with a solver: from unit noise `x_T`, scaled to the schedule's first sigma."""
-    sigmas = solver_sigmas(model, s.steps, s.schedule, x_T.device)
-    return run_solver(model, s, cond, uncond, x_T * sigmas[0], sigmas, generator, progress)
+    """txt2img with a solver: from unit noise `x_T`, scaled to the schedule's first sigma (LCM: exactly the
+    model's x_T, as its distillation and diffusers start, which is x_T * sqrt(1 + sigma^2) in this form)."""
+    sigmas = solver_sigmas(model, s.steps, s.schedule, x_T.device, s.sampler)
+    start = (1 + sigmas[0] ** 2).sqrt() if s.sampler in CONSISTENCY_SAMPLERS else sigmas[0]
+    return run_solver(model, s, cond, uncond, x_T * start, sigmas, generator, progress, step_callback=step_callback)
+
+
+def original_callback(step_callback: StepCallback | None, total: int):
+    """The DDIM/PLMS samplers' `callback(i, x, pred_x0)` as a StepCallback call (None stays None)."""
+    if step_callback is None:
+        return None
+    return lambda i, x, pred_x0: step_callback(i, total)
+
+
+def original_steps(model, steps: int) -> int:
+    """How many steps the original's DDIM/PLMS selection runs for `steps` (7 runs 8)."""
+    return len(ddim_timesteps(steps, len(model.alphas_cumprod)))
 
 
 def batch_place(s: SampleSettings, it: int, b: int, n_batches: int) -> str:
@@ -159,18 +202,40 @@ def nan_hint(s: SampleSettings, runtime: Runtime) -> str:
     )
 
 
+VAES = ("full", "taesd")
+
+
+def tiny_autoencoder(model):
+    """The tiny autoencoder attached to `model`, or a clear error naming how to give one."""
+    tiny = getattr(model, "tiny_autoencoder", None)
+    if tiny is None:
+        raise ValueError(
+            "--vae taesd needs the tiny autoencoder's files: give --taesd PATH (or a taesd: config section)"
+        )
+    return tiny
+
+
 def decode(
-    model, latents: torch.Tensor, runtime: Runtime, where: str, hint: str, tile: int | None = None
+    model,
+    latents: torch.Tensor,
+    runtime: Runtime,
+    where: str,
+    hint: str,
+    tile: int | None = None,
+    vae: str = "full",
 ) -> torch.Tensor:
     """Latents to pixels, both checked for NaN/inf. In reduced precision (autocast, fp16 weights) the SD VAE
     can overflow where float32 does not; then the decode is redone in float32 (a warning says so, and the
-    VAE computes in float32 from then on) before giving up."""
+    VAE computes in float32 from then on) before giving up. `vae="taesd"` decodes with the tiny autoencoder."""
     check_finite(latents, f"sampling produced NaN/inf latents ({where})", hint)
+    if vae == "taesd":
+        decoded = tiny_autoencoder(model).decode(latents)
+        check_finite(decoded, f"decoding produced NaN/inf pixels ({where})", hint)
+        return decoded
     decoded = model.decode_first_stage(latents, tile=tile)
     if runtime.reduced_precision and not torch.isfinite(decoded).all():
         warnings.warn(
-            f"the VAE overflowed in {dtype_name(runtime.arithmetic_dtype)} ({where}); "
-            "decoding again in float32",
+            f"the VAE overflowed in {dtype_name(runtime.arithmetic_dtype)} ({where}); decoding again in float32",
             stacklevel=2,
         )
         compute_in(model.first_stage_model, torch.float32)
@@ -250,6 +315,7 @@ def generate(
     progress: bool = True,
     negative_prompt: str | Sequence[Sequence[str]] = "",
     low_memory: bool = False,
+    step_callback: StepCallback | None = None,
 ) -> Iterator[BatchResult]:
     """Yield one decoded batch at a time: n_iter passes over `batches`.
 
@@ -260,8 +326,10 @@ def generate(
     `low_memory` frees each part of the model once this run is done with it, for good (the model cannot be
     used afterwards): the VAE encoder at once, the text encoder after encoding every batch first, the UNet
     before the last decode. The images are the same.
+
+    `step_callback(i, steps)` is called after every sampling step (see StepCallback); the images are the same.
     """
-    check_sampler(s.sampler, s.schedule)
+    check_sampler(s.sampler, s.schedule, s.steps)
     device = runtime.device
     sampler = ORIGINAL_SAMPLERS[s.sampler](model) if s.sampler in ORIGINAL_SAMPLERS else None
     seed_everything(s.seed)
@@ -290,11 +358,12 @@ def generate(
                             unconditional_conditioning=uncond,
                             x_T=x_T,
                             progress=progress,
+                            callback=original_callback(step_callback, original_steps(model, s.steps)),
                         )
                     else:
-                        latents = solve(model, s, cond, uncond, x_T, solver_noise, progress)
+                        latents = solve(model, s, cond, uncond, x_T, solver_noise, progress, step_callback)
                 if low_memory and it == s.n_iter - 1 and b == len(batches) - 1:
                     free_weights(model, model.model)
                 where = batch_place(s, it, b, len(batches))
-                decoded = decode(model, latents, runtime, where, nan_hint(s, runtime), tile=latent_tile(s))
+                decoded = decode(model, latents, runtime, where, nan_hint(s, runtime), latent_tile(s), s.vae)
                 yield BatchResult(it, list(prompts), cond, uncond, x_T, latents, decoded)

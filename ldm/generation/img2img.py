@@ -28,6 +28,7 @@ from ldm.generation.generate import (
     ORIGINAL_SAMPLERS,
     BatchResult,
     SampleSettings,
+    StepCallback,
     batch_place,
     check_sampler,
     conditioning,
@@ -36,10 +37,13 @@ from ldm.generation.generate import (
     free_weights,
     latent_tile,
     nan_hint,
+    original_callback,
     run_solver,
     solver_sigmas,
+    tiny_autoencoder,
 )
 from ldm.models.diffusion.sampling_common import DDIMSchedule, stochastic_encode
+from ldm.samplers.registry import CONSISTENCY_SAMPLERS
 from ldm.speed.feature_reuse import reuse_features
 from ldm.speed.runtime import Runtime
 from ldm.speed.token_merge import merge_tokens
@@ -66,18 +70,26 @@ def latent_mask(mask: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
     return F.adaptive_max_pool2d(mask, latent_hw)
 
 
-def _solver_img2img(model, s, cond, uncond, z0, noise, t_enc, generator, mask, progress):
+def _solver_img2img(
+    model, s, cond, uncond, z0, noise, t_enc, generator, mask, progress, step_callback=None, strength: float = 1.0
+):
     """The solver's schedule from the sigma `t_enc` steps before its end: from z0 noised to it, or from pure
     noise when t_enc covers every step (txt2img's start)."""
-    sigmas = solver_sigmas(model, s.steps, s.schedule, z0.device)[s.steps - t_enc :]
-    x = noise * sigmas[0] if t_enc == s.steps else z0 + noise * sigmas[0]
+    if s.sampler in CONSISTENCY_SAMPLERS:  # all its steps, on the part of its grid below strength (as diffusers)
+        sigmas = solver_sigmas(model, s.steps, s.schedule, z0.device, s.sampler, strength=strength)
+        x = z0 + noise * sigmas[0]
+    else:
+        sigmas = solver_sigmas(model, s.steps, s.schedule, z0.device)[s.steps - t_enc :]
+        x = noise * sigmas[0] if t_enc == s.steps else z0 + noise * sigmas[0]
     wrap = None
     if mask is not None:  # the kept region's prediction is the known latent: it converges there exactly
 
         def wrap(inner):
             return lambda x_, sigma: mask * inner(x_, sigma) + (1.0 - mask) * z0
 
-    return run_solver(model, s, cond, uncond, x, sigmas, generator, progress, wrap_denoiser=wrap)
+    return run_solver(
+        model, s, cond, uncond, x, sigmas, generator, progress, wrap_denoiser=wrap, step_callback=step_callback
+    )
 
 
 class ConcatConditioned:
@@ -120,6 +132,7 @@ def generate_img2img(
     negative_prompt: str = "",
     progress: bool = True,
     low_memory: bool = False,
+    step_callback: StepCallback | None = None,
 ) -> Iterator[BatchResult]:
     """Yield decoded batches made from `init_image` ([1, 3, H, W] in [-1, 1]); `mask` ([1, 1, H, W],
     1 = repaint) turns it into inpainting. Random draws, after seeding: the one posterior sample of the
@@ -127,16 +140,19 @@ def generate_img2img(
 
     `low_memory` frees, for good, the VAE encoder once the image is encoded, the text encoder after encoding
     every batch's prompts first (which draws no random numbers), and the UNet before the last decode, as
-    txt2img's does. The images are the same."""
-    check_sampler(s.sampler, s.schedule)
+    txt2img's does. The images are the same. `step_callback` as in `generate`."""
+    check_sampler(s.sampler, s.schedule, s.steps)
     t_enc = encoding_steps(strength, s.steps)
     device = runtime.device
     seed_everything(s.seed)
     solver_noise = torch.Generator(device=device).manual_seed(s.seed)
     init = init_image.to(device)
     with runtime.autocast():
-        posterior = model.encode_first_stage(init.repeat(s.n_samples, 1, 1, 1))
-        z_init = model.get_first_stage_encoding(posterior)
+        if s.vae == "taesd":  # the tiny encoder gives the latents themselves: no posterior sample is drawn
+            z_init = tiny_autoencoder(model).encode(init).repeat(s.n_samples, 1, 1, 1)
+        else:
+            posterior = model.encode_first_stage(init.repeat(s.n_samples, 1, 1, 1))
+            z_init = model.get_first_stage_encoding(posterior)
         m = c_concat = None
         if getattr(model, "concat_channels", 0):
             if mask is None:
@@ -180,6 +196,7 @@ def generate_img2img(
                                 t_start=t_enc,
                                 mask=None if m is None else m[:n],
                                 x0=None if m is None else z0,
+                                callback=original_callback(step_callback, min(t_enc, len(schedule.timesteps))),
                             )
                         else:
                             latents = _solver_img2img(
@@ -193,11 +210,13 @@ def generate_img2img(
                                 solver_noise,
                                 None if m is None else m[:n],
                                 progress,
+                                step_callback,
+                                strength,
                             )
                 if low_memory and it == s.n_iter - 1 and b == len(batches) - 1:
                     free_weights(model, model.model)
                 where = batch_place(s, it, b, len(batches))
-                decoded = decode(model, latents, runtime, where, nan_hint(s, runtime), tile=latent_tile(s))
+                decoded = decode(model, latents, runtime, where, nan_hint(s, runtime), latent_tile(s), s.vae)
                 if mask is not None:
                     keep = 1.0 - mask.to(decoded.device, decoded.dtype)
                     decoded = keep * init + (1.0 - keep) * decoded

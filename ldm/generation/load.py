@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from torch import nn
 from ldm.files.checkpoints import CheckpointError, read_state_dict
 from ldm.files.mapped_file import MappedFile
 from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS
+from ldm.models.taesd import load_taesd
 from ldm.modules.attention import CrossAttention
 from ldm.speed import native
 from ldm.speed.fused_epilogues import fuse_epilogues
@@ -218,4 +219,26 @@ def load_model(
         print(
             f"Loaded: {report.summary()}" + (f" ({', '.join(report.unexpected[:3])}...)" if report.unexpected else "")
         )
+    return model
+
+
+def attach_tiny_autoencoder(
+    model: nn.Module,
+    config: DictConfig | Mapping[str, Any],
+    runtime: Runtime,
+    paths: Sequence[str | os.PathLike] = (),
+    config_path: str | os.PathLike | None = None,
+) -> nn.Module:
+    """Load the tiny autoencoder (`--vae taesd`) from `paths`, or else from the files the config's `taesd:` section
+    names (`ckpt`, relative to the config), built with that section's `params`; attach it to `model`. Its 2.4M
+    weights are kept in the dtype the runtime computes in (no 16-bit storage to save)."""
+    section = config.get("taesd", None) or {}
+    params = dict(section.get("params", None) or {})
+    if not paths:
+        named = section.get("ckpt", None)
+        if not named:
+            raise ValueError("--vae taesd needs the tiny autoencoder's files: give --taesd PATH")
+        named = [named] if isinstance(named, str) else list(named)
+        paths = [resolve_config_path(str(p), config_path) if config_path else str(p) for p in named]
+    model.tiny_autoencoder = load_taesd(paths, **params).to(runtime.device, runtime.arithmetic_dtype)
     return model

@@ -12,7 +12,7 @@ sampling code is the CLI's (`ldm.generation.generate`, `ldm.generation.img2img`)
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +20,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ldm.adapters import adapters_for_prompts
 from ldm.files.image_input import MULTIPLE, load_image_array, load_mask, to_model_range
 from ldm.files.image_output import to_uint8_images
-from ldm.generation.generate import SampleSettings, check_sampler, generate
+from ldm.generation.generate import SampleSettings, StepCallback, check_sampler, generate
 from ldm.generation.img2img import composite, generate_img2img
-from ldm.generation.load import load_config, load_model, resolve_config_path
+from ldm.generation.load import attach_tiny_autoencoder, load_config, load_model, resolve_config_path
 from ldm.speed.runtime import Runtime, resolve_runtime
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,8 +50,10 @@ class Pipeline:
         verbose: bool = False,
         channels_last: bool | None = None,
         compile: bool | None = None,
+        taesd: Sequence[str | os.PathLike] = (),
     ) -> Pipeline:
-        """Build the model of `config` from `ckpt` (default: the checkpoint its `txt2img:` section names)."""
+        """Build the model of `config` from `ckpt` (default: the checkpoint its `txt2img:` section names), with the
+        tiny autoencoder for `vae="taesd"` from `taesd` files or the config's `taesd:` section, where either is."""
         cfg = load_config(config)
         defaults = dict(cfg.get("txt2img", None) or {})
         if ckpt is None:
@@ -58,7 +61,10 @@ class Pipeline:
                 raise ValueError(f"{config} names no checkpoint (txt2img.ckpt): pass ckpt=PATH")
             ckpt = resolve_config_path(str(defaults["ckpt"]), config)
         runtime = resolve_runtime(cfg, device, precision, channels_last, compile)
-        return cls(load_model(cfg, ckpt, runtime, verbose=verbose), runtime, defaults)
+        model = load_model(cfg, ckpt, runtime, verbose=verbose)
+        if taesd or cfg.get("taesd", None):
+            attach_tiny_autoencoder(model, cfg, runtime, taesd, config)
+        return cls(model, runtime, defaults)
 
     def settings(self, **overrides: Any) -> SampleSettings:
         d = self.defaults
@@ -73,7 +79,7 @@ class Pipeline:
             factor=d["f"],
             **given,
         )
-        check_sampler(s.sampler, s.schedule)
+        check_sampler(s.sampler, s.schedule, s.steps)
         return s
 
     def txt2img(
@@ -93,8 +99,16 @@ class Pipeline:
         deepcache: int = 0,
         vae_tile: int | None = None,
         tome: float = 0.0,
+        vae: str = "full",
+        loras: Sequence[str | tuple[str, float]] = (),
+        embeddings: Sequence[str] = (),
+        step_callback: StepCallback | None = None,
     ) -> list[Image.Image]:
-        """`deepcache=N` runs the full UNet every N-th call only (ldm.speed.feature_reuse); `vae_tile` decodes in tiles
+        """`vae="taesd"` decodes with the tiny autoencoder (fast, a little less detail). `loras` ("PATH[:WEIGHT]" or
+        (path, weight)) are merged for this call only, as are `<lora:NAME:WEIGHT>` tags of the prompt (from
+        models/lora/); `embeddings` (and those of models/embeddings/ whose name the prompts use) add words.
+        `step_callback(i, steps)` is called after each sampling step and may raise to stop the run.
+        `deepcache=N` runs the full UNet every N-th call only (ldm.speed.feature_reuse); `vae_tile` decodes in tiles
         of that many pixels (ldm.speed.tiling); `tome=RATIO` merges tokens before the full-resolution
         self-attentions (ldm.speed.token_merge). Each saves time or memory and changes the pixels a little."""
         s = self.settings(
@@ -110,10 +124,21 @@ class Pipeline:
             reuse_interval=deepcache,
             vae_tile=vae_tile,
             token_merge=tome,
+            vae=vae,
         )
-        (batch,) = generate(
-            self.model, [n * [prompt]], s, self.runtime, progress=False, negative_prompt=negative_prompt
+        (prompt,), (negative_prompt,), adapters = adapters_for_prompts(
+            self.model, [prompt], [negative_prompt], loras=loras, embeddings=embeddings
         )
+        with adapters:
+            (batch,) = generate(
+                self.model,
+                [n * [prompt]],
+                s,
+                self.runtime,
+                progress=False,
+                negative_prompt=negative_prompt,
+                step_callback=step_callback,
+            )
         return [Image.fromarray(a) for a in to_uint8_images(batch.decoded)]
 
     def img2img(
@@ -136,8 +161,13 @@ class Pipeline:
         deepcache: int = 0,
         vae_tile: int | None = None,
         tome: float = 0.0,
+        vae: str = "full",
+        loras: Sequence[str | tuple[str, float]] = (),
+        embeddings: Sequence[str] = (),
+        step_callback: StepCallback | None = None,
     ) -> list[Image.Image]:
-        """Variations of `image` (cut to multiples of 32 pixels); with `mask` (white = repaint), inpainting."""
+        """Variations of `image` (cut to multiples of 32 pixels); with `mask` (white = repaint), inpainting.
+        `vae="taesd"` encodes and decodes with the tiny autoencoder."""
         rgb = load_image_array(image, MULTIPLE)
         h, w = rgb.shape[:2]
         m = None if mask is None else load_mask(mask, (w, h), dilate=mask_dilate, blur=mask_blur)
@@ -154,18 +184,24 @@ class Pipeline:
             reuse_interval=deepcache,
             vae_tile=vae_tile,
             token_merge=tome,
+            vae=vae,
         )
-        (batch,) = generate_img2img(
-            self.model,
-            [n * [prompt]],
-            s,
-            self.runtime,
-            to_model_range(rgb),
-            strength,
-            mask=m,
-            negative_prompt=negative_prompt,
-            progress=False,
+        (prompt,), (negative_prompt,), adapters = adapters_for_prompts(
+            self.model, [prompt], [negative_prompt], loras=loras, embeddings=embeddings
         )
+        with adapters:
+            (batch,) = generate_img2img(
+                self.model,
+                [n * [prompt]],
+                s,
+                self.runtime,
+                to_model_range(rgb),
+                strength,
+                mask=m,
+                negative_prompt=negative_prompt,
+                progress=False,
+                step_callback=step_callback,
+            )
         out = to_uint8_images(batch.decoded)
         if m is not None:
             out = np.stack([composite(rgb, o, m[0]) for o in out])

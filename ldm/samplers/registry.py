@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from ldm.samplers.lcm import sample_lcm
 from ldm.samplers.ode import (
     sample_ddim,
     sample_dpm2,
@@ -71,3 +72,13 @@ def get_sampler(name: str) -> SamplerInfo:
         return SAMPLERS[name]
     except KeyError:
         raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}") from None
+
+
+# Samplers that need a model distilled for them (LCM, or any SD v1 model with LCM-LoRA) and run on their own
+# schedule with their own boundary conditions (`ldm.samplers.lcm`): not solvers of the plain diffusion ODE/SDE,
+# so not in SAMPLERS, whose members work with any denoiser on any schedule.
+CONSISTENCY_SAMPLERS: dict[str, SamplerInfo] = {
+    "lcm": SamplerInfo(
+        "lcm", sample_lcm, None, True, 1, "Latent Consistency multistep, for LCM-LoRA/LCM models: 2-8 steps, --scale 1"
+    ),
+}

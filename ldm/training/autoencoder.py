@@ -8,9 +8,10 @@ import pytorch_lightning as pl
 import torch
 
 from ldm.models.autoencoder import AutoencoderKL
+from ldm.training.logged_loss import LoggedLossSteps
 
 
-class AutoencoderKLTrainer(AutoencoderKL, pl.LightningModule):
+class AutoencoderKLTrainer(LoggedLossSteps, AutoencoderKL, pl.LightningModule):
     """AutoencoderKL with a training step; its checkpoints hold `encoder.*`, `decoder.*`, `quant_conv.*`,
     `post_quant_conv.*` exactly as the inference model names them.
 
@@ -40,17 +41,6 @@ class AutoencoderKLTrainer(AutoencoderKL, pl.LightningModule):
         loss = rec + self.kl_weight * kl
         pixels = x[0].numel()
         return loss, {"rec_l1_per_pixel": rec.detach() / pixels, "kl": kl.detach()}
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, logs = self.loss(batch)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log_dict({f"train/{k}": v for k, v in logs.items()})
-        return loss
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        loss, logs = self.loss(batch)
-        self.log("val/loss", loss, prog_bar=True)
-        self.log_dict({f"val/{k}": v for k, v in logs.items()})
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.learning_rate, betas=(0.5, 0.9))

@@ -127,12 +127,16 @@ class LatentDiffusionTrainer(LatentDiffusion, pl.LightningModule):
             return
         batch = next(iter(loader))
         std = float(self.latents(batch[self.image_key].to(self.device)).std())
-        self.print(f"latent std with scale_factor {self.scale_factor}: {std:.3f} (ideal 1; set scale_factor to "
-                   f"{self.scale_factor / std:.4f} for exactly 1)")
+        self.print(
+            f"latent std with scale_factor {self.scale_factor}: {std:.3f} (ideal 1; set scale_factor to "
+            f"{self.scale_factor / std:.4f} for exactly 1)"
+        )
         if not 0.67 < std < 1.5:
-            warnings.warn(f"scaled latents have std {std:.3f}: set model.params.scale_factor to "
-                          f"{self.scale_factor / std:.4f} in the config (inference reads the same value)",
-                          stacklevel=1)
+            warnings.warn(
+                f"scaled latents have std {std:.3f}: set model.params.scale_factor to "
+                f"{self.scale_factor / std:.4f} in the config (inference reads the same value)",
+                stacklevel=1,
+            )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch, drop_captions=True)

@@ -22,11 +22,12 @@ contains the special-token strings glued to punctuation.
 
 from __future__ import annotations
 
+import copy
 import gzip
 import html
 import importlib.util
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from itertools import pairwise
 from pathlib import Path
@@ -150,6 +151,26 @@ class CLIPTokenizer:
         self.bpe_ranks: dict[tuple[str, str], int] = {pair: rank for rank, pair in enumerate(merges)}
         # Cache per regex piece (before byte encoding) -> ids; prompts reuse few distinct words.
         self._cache: dict[str, tuple[int, ...]] = {BOS_TOKEN: (BOS_ID,), EOS_TOKEN: (EOS_ID,)}
+        # Words added by textual inversion (lower case) -> their ids past the vocabulary; see with_added_words.
+        self.added: dict[str, tuple[int, ...]] = {}
+        self._added_split: regex.Pattern | None = None
+
+    def with_added_words(self, words: Mapping[str, Sequence[int]]) -> CLIPTokenizer:
+        """A copy that also turns each of `words` into its ids (textual inversion's new words), the shared
+        tokenizer left as it is.
+
+        A word is found in the raw text before cleaning, as transformers finds added tokens, in any case; a word
+        that starts or ends with a letter or digit must not continue another word there (`mystyle` is not
+        found in `mystyles`). Longer words win over words they contain."""
+        new = copy.copy(self)
+        new.added = {**self.added, **{w.lower(): tuple(ids) for w, ids in words.items()}}
+        alternatives = []
+        for word in sorted(new.added, key=len, reverse=True):
+            before = r"(?<![\w])" if regex.match(r"\w", word[0]) else ""
+            after = r"(?![\w])" if regex.match(r"\w", word[-1]) else ""
+            alternatives.append(before + regex.escape(word) + after)
+        new._added_split = regex.compile("(" + "|".join(alternatives) + ")", regex.IGNORECASE) if alternatives else None
+        return new
 
     @property
     def vocab_size(self) -> int:
@@ -198,6 +219,14 @@ class CLIPTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """BPE ids of ``text`` after cleaning, without BOS/EOS and without truncation."""
+        if self._added_split is None:
+            return self._encode_text(text)
+        ids: list[int] = []
+        for i, chunk in enumerate(self._added_split.split(text)):
+            ids.extend(self.added[chunk.lower()] if i % 2 else self._encode_text(chunk))
+        return ids
+
+    def _encode_text(self, text: str) -> list[int]:
         if self.style == "openai":
             return self._encode_chunk(text)
         # transformers splits its special tokens out of the raw text before cleaning each remaining chunk.
@@ -219,6 +248,16 @@ class CLIPTokenizer:
         """Best-effort inverse of :meth:`encode` (cleaning is lossy: case and whitespace are not restored)."""
         if isinstance(ids, torch.Tensor):
             ids = ids.reshape(-1).tolist()
+        ids = [int(i) for i in ids]
+        if any(i >= VOCAB_SIZE for i in ids):  # added words: decode the text between them, name them as such
+            words = {ws[0]: w for w, ws in self.added.items() if ws}
+            pieces, start = [], 0
+            for k, i in enumerate([*ids, -1]):
+                if i >= VOCAB_SIZE or i == -1:
+                    pieces.append(self.decode(ids[start:k], skip_special_tokens))
+                    pieces.append(words.get(i, ""))
+                    start = k + 1
+            return " ".join(p for p in pieces if p)
         tokens = [self.decoder[int(i)] for i in ids if not (skip_special_tokens and int(i) in (BOS_ID, EOS_ID))]
         # Special tokens are plain ASCII, so they survive the byte round trip unchanged.
         data = bytearray(self.byte_decoder[ch] for ch in "".join(tokens))
