@@ -13,7 +13,7 @@ import torch
 from ldm.data.digit_eval import adherence, classify, fit_classifier, label_histogram, sample_digits
 from ldm.data.digits import load_digits_8x8, upsample
 from ldm.generation.generate import SAMPLER_NAMES
-from ldm.generation.load import load_config, load_model
+from ldm.generation.load import attach_tiny_autoencoder, load_config, load_model
 from ldm.speed.runtime import resolve_runtime
 
 from .conftest import REPO
@@ -78,3 +78,16 @@ def test_prompt_adherence_with_feature_reuse(demo, classifier):
     model, runtime, scale = demo
     samples = sample_digits(model, runtime, sampler="dpmpp_2m", steps=20, scale=scale, per_digit=5, reuse_interval=3)
     assert adherence(classifier, samples) >= 0.9
+
+
+def test_the_fast_recipe_follows_prompts_with_our_tiny_decoder(demo, classifier):
+    """4 LCM steps at guidance 1 (one UNet call each), decoded by the tiny autoencoder distilled for this model
+    (configs/demo/digits-taesd.yaml): still the prompted digits, and the tiny decoder draws what the VAE draws."""
+    model, runtime, _ = demo
+    config = load_config(CONFIG)
+    attach_tiny_autoencoder(model, config, runtime, [], CONFIG)
+    tiny = sample_digits(model, runtime, sampler="lcm", steps=4, scale=1.0, per_digit=10, vae="taesd")
+    assert len(tiny.prompts) == 100 and adherence(classifier, tiny) >= 0.9
+    full = sample_digits(model, runtime, sampler="lcm", steps=4, scale=1.0, per_digit=10, vae="full")
+    assert np.mean(classify(classifier, tiny.images) == classify(classifier, full.images)) >= 0.9
+    assert (tiny.images - full.images).abs().mean() < 0.1  # a few 8-bit levels on average, in [-1, 1]

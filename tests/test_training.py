@@ -131,3 +131,26 @@ def test_bad_invocations_are_one_line_errors(tmp_path, capsys):
     assert "cannot resume" in capsys.readouterr().err
     assert train_main.main(["--base", str(AE_CONFIG), "--bogus"]) == 2
     assert "unknown argument" in capsys.readouterr().err
+
+
+def test_tiny_autoencoder_is_distilled_from_the_demo_vae(tmp_path):
+    """configs/demo/digits-taesd.yaml: the student's loss against the frozen teacher falls, and its checkpoint holds
+    the student alone, in the layout `load_taesd` reads (what models/demo/digits-taesd.safetensors was made from)."""
+    from ldm.models.taesd import load_taesd
+
+    config = REPO / "configs" / "demo" / "digits-taesd.yaml"
+    rc = train_main.main(["--base", str(config), "-t", "-l", str(tmp_path), "--threads", "1", *SMALL,
+                          "training.params.base_learning_rate=3e-3"])  # fmt: skip
+    assert rc == 0
+    ckpt = tmp_path / "digits-taesd" / "checkpoints" / "last.ckpt"
+    sd, info = read_state_dict(ckpt)
+    assert info["global_step"] == STEPS and {k.split(".")[0] for k in sd} == {"encoder", "decoder"}
+    module = train_main.build_module(OmegaConf.load(config))
+    batch = fixed_batch()
+    with torch.no_grad():
+        before = module.loss(batch)[0]
+        module.load_state_dict(sd)
+        after = module.loss(batch)[0]
+    assert after < 0.8 * before, (before, after)
+    tiny = load_taesd([ckpt], encoder_blocks=(1, 2, 2), decoder_blocks=(2, 2, 1))
+    assert tiny.decode(torch.zeros(1, 4, 8, 8)).shape == (1, 3, 32, 32)

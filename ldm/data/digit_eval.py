@@ -55,6 +55,7 @@ def sample_digits(
     factor: int = 4,
     reuse_interval: int = 0,
     token_merge: float = 0.0,
+    vae: str = "full",
 ) -> Samples:
     """`per_digit` samples for each of the ten digits in one batch (or 10 * per_digit for the empty prompt)."""
     if unconditional:
@@ -76,6 +77,7 @@ def sample_digits(
         schedule=schedule,
         reuse_interval=reuse_interval,
         token_merge=token_merge,
+        vae=vae,
     )
     (batch,) = generate(model, [prompts], settings, runtime, progress=False)
     return Samples(prompts, intended, batch.decoded.float().clamp(-1, 1).cpu())
