@@ -128,3 +128,34 @@ def test_cuda_script_runs_three_stages_and_survives_a_failure(tmp_path):
     assert "--compile reduce-overhead" in lines[1] and "--compile max-autotune" in lines[2]
     assert "failed (exit 3" in proc.stdout and "broke" in proc.stdout
     assert "0.80" in (out / "compiled-max-autotune.md").read_text()  # the stage after the failure ran
+
+
+def test_whole_image_recipes_side_by_side(monkeypatch, capsys):
+    """scripts/benchmark_image.py: every recipe times a whole image on the same model with the LoRA merged, and the
+    LCM recipes really run 4 single-batch UNet calls (the 20-step recipe's guidance doubles its batch)."""
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    spec = importlib.util.spec_from_file_location("ldm_benchmark_image", REPO / "scripts" / "benchmark_image.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    calls = []
+    generate = module.generate
+
+    def counting_generate(model, *a, **kw):
+        inner = model.apply_model
+        model.apply_model = lambda x, t, c: calls.append(x.shape[0]) or inner(x, t, c)
+        try:
+            yield from generate(model, *a, **kw)  # generate yields its batches
+        finally:
+            del model.apply_model
+
+    monkeypatch.setattr(module, "generate", counting_generate)
+    argv = ["--config", str(TINY_CONFIG), "--size", "64", "--precision", "full", "--lora_rank", "4", "--threads", "1"]
+    assert module.main(argv) == 0
+    rows = {}
+    for line in capsys.readouterr().out.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0] in module.RECIPES:
+            rows[cells[0]] = cells
+    assert set(rows) == {"recommended", "lcm-taesd", "lcm-vae"}
+    assert rows["recommended"][3] == "1.00" and all(number(r[2]) > 0 and "GiB" in r[4] for r in rows.values())
+    assert calls[-8:] == [1] * 8 and 2 in calls[:-8]  # lcm-taesd and lcm-vae: 4 calls of batch 1 each
