@@ -145,3 +145,19 @@ def test_adapters_for_prompts_as_the_pipeline_would_call_it(files):
         assert [e.word for e in handle.embeddings] == ["mystyle"]
         assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_pipeline_takes_loras_for_one_call_as_the_cli_does(tmp_path, files):
+    """Pipeline.txt2img(loras=...) gives the CLI's picture for --lora with the same settings, and the next call
+    without it is the base model's again."""
+    from ldm.generation.pipeline import Pipeline
+
+    lora = files / "lora" / "inkstyle.safetensors"
+    pipe = Pipeline.from_config(TINY_CONFIG, ckpt=files / "tiny.ckpt", device="cpu", precision="full")
+    settings = dict(n=1, seed=7, steps=3, sampler="ddim", height=64, width=64)
+    base = np.asarray(pipe.txt2img("a cat", **settings)[0])
+    with_lora = np.asarray(pipe.txt2img("a cat", loras=[(str(lora), 0.8)], **settings)[0])
+    assert np.array_equal(np.asarray(pipe.txt2img("a cat", **settings)[0]), base)  # unmerged after the call
+    code, cli, _ = run(txt2img, tmp_path, "cli", "--prompt", "a cat", "--lora", f"{lora}:0.8", "--no-watermark",
+                       ckpt=files / "tiny.ckpt")  # fmt: skip
+    assert code == 0 and np.array_equal(with_lora, cli) and not np.array_equal(with_lora, base)

@@ -12,7 +12,7 @@ sampling code is the CLI's (`ldm.generation.generate`, `ldm.generation.img2img`)
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from PIL import Image
 from ldm.adapters import adapters_for_prompts
 from ldm.files.image_input import MULTIPLE, load_image_array, load_mask, to_model_range
 from ldm.files.image_output import to_uint8_images
-from ldm.generation.generate import SampleSettings, StepCallback, check_sampler, generate
+from ldm.generation.generate import BatchResult, SampleSettings, StepCallback, check_sampler, generate
 from ldm.generation.img2img import composite, generate_img2img
 from ldm.generation.load import attach_tiny_autoencoder, load_config, load_model, resolve_config_path
 from ldm.speed.runtime import Runtime, resolve_runtime
@@ -82,6 +82,43 @@ class Pipeline:
         check_sampler(s.sampler, s.schedule, s.steps)
         return s
 
+    def _settings(
+        self, n, seed, steps, sampler, scale, height, width, karras, eta, deepcache, vae_tile, tome, vae
+    ) -> SampleSettings:
+        """The per-call arguments of txt2img and img2img, under SampleSettings' names."""
+        return self.settings(
+            steps=steps,
+            sampler=sampler,
+            scale=scale,
+            height=height,
+            width=width,
+            n_samples=n,
+            seed=seed,
+            eta=eta,
+            schedule="karras" if karras else "discrete",
+            reuse_interval=deepcache,
+            vae_tile=vae_tile,
+            token_merge=tome,
+            vae=vae,
+        )
+
+    def _with_adapters(
+        self,
+        prompt: str,
+        negative_prompt: str,
+        loras: Sequence[str | tuple[str, float]],
+        embeddings: Sequence[str],
+        run: Callable[[str, str], Iterator[BatchResult]],
+    ) -> BatchResult:
+        """The one batch `run(prompt, negative_prompt)` makes, with the LoRAs and embeddings of the call (and of the
+        prompt's `<lora:...>` tags) applied while it runs, and the base model back afterwards."""
+        (prompt,), (negative_prompt,), adapters = adapters_for_prompts(
+            self.model, [prompt], [negative_prompt], loras=loras, embeddings=embeddings
+        )
+        with adapters:
+            (batch,) = run(prompt, negative_prompt)
+        return batch
+
     def txt2img(
         self,
         prompt: str,
@@ -111,26 +148,10 @@ class Pipeline:
         `deepcache=N` runs the full UNet every N-th call only (ldm.speed.feature_reuse); `vae_tile` decodes in tiles
         of that many pixels (ldm.speed.tiling); `tome=RATIO` merges tokens before the full-resolution
         self-attentions (ldm.speed.token_merge). Each saves time or memory and changes the pixels a little."""
-        s = self.settings(
-            steps=steps,
-            sampler=sampler,
-            scale=scale,
-            height=height,
-            width=width,
-            n_samples=n,
-            seed=seed,
-            eta=eta,
-            schedule="karras" if karras else "discrete",
-            reuse_interval=deepcache,
-            vae_tile=vae_tile,
-            token_merge=tome,
-            vae=vae,
-        )
-        (prompt,), (negative_prompt,), adapters = adapters_for_prompts(
-            self.model, [prompt], [negative_prompt], loras=loras, embeddings=embeddings
-        )
-        with adapters:
-            (batch,) = generate(
+        s = self._settings(n, seed, steps, sampler, scale, height, width, karras, eta, deepcache, vae_tile, tome, vae)
+
+        def run(prompt: str, negative_prompt: str):
+            return generate(
                 self.model,
                 [n * [prompt]],
                 s,
@@ -139,6 +160,8 @@ class Pipeline:
                 negative_prompt=negative_prompt,
                 step_callback=step_callback,
             )
+
+        batch = self._with_adapters(prompt, negative_prompt, loras, embeddings, run)
         return [Image.fromarray(a) for a in to_uint8_images(batch.decoded)]
 
     def img2img(
@@ -171,26 +194,10 @@ class Pipeline:
         rgb = load_image_array(image, MULTIPLE)
         h, w = rgb.shape[:2]
         m = None if mask is None else load_mask(mask, (w, h), dilate=mask_dilate, blur=mask_blur)
-        s = self.settings(
-            steps=steps,
-            sampler=sampler,
-            scale=scale,
-            height=h,
-            width=w,
-            n_samples=n,
-            seed=seed,
-            eta=eta,
-            schedule="karras" if karras else "discrete",
-            reuse_interval=deepcache,
-            vae_tile=vae_tile,
-            token_merge=tome,
-            vae=vae,
-        )
-        (prompt,), (negative_prompt,), adapters = adapters_for_prompts(
-            self.model, [prompt], [negative_prompt], loras=loras, embeddings=embeddings
-        )
-        with adapters:
-            (batch,) = generate_img2img(
+        s = self._settings(n, seed, steps, sampler, scale, h, w, karras, eta, deepcache, vae_tile, tome, vae)
+
+        def run(prompt: str, negative_prompt: str):
+            return generate_img2img(
                 self.model,
                 [n * [prompt]],
                 s,
@@ -202,6 +209,8 @@ class Pipeline:
                 progress=False,
                 step_callback=step_callback,
             )
+
+        batch = self._with_adapters(prompt, negative_prompt, loras, embeddings, run)
         out = to_uint8_images(batch.decoded)
         if m is not None:
             out = np.stack([composite(rgb, o, m[0]) for o in out])
