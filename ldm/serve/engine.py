@@ -23,11 +23,10 @@ from ldm.files.infotext import format_infotext, legacy_model_hash
 from ldm.generation.generate import SampleSettings, StepCallback, generate, original_steps
 from ldm.generation.img2img import composite, generate_img2img
 from ldm.generation.load import load_config, load_model, resolve_config_path
+from ldm.generation.pipeline import ORIGINAL_DEFAULTS  # for configs without a `txt2img:` section
 from ldm.serve.settings import Settings
 from ldm.speed.runtime import resolve_runtime
 
-# The original txt2img's defaults, for configs without a `txt2img:` section (as ldm.generation.pipeline).
-ORIGINAL_DEFAULTS = {"H": 512, "W": 512, "C": 4, "f": 8, "ddim_steps": 50, "sampler": "plms", "scale": 7.5}
 SAMPLE_NAME = "{:05d}.png"  # OutputWriter's sample numbering, from 0 in a fresh folder
 
 
