@@ -1,12 +1,14 @@
 #!/usr/bin/env python
 """Measure the digits demo's LoRA (configs/demo/digits-lora.yaml): does the trigger word with the LoRA draw the
-new style (black ink on white), are the samples still the prompted digit, and is the style absent without it?
+new style (italic: the digit leaning right), are the samples still the prompted digit, and is the style absent
+without the LoRA?
 
-    python scripts/digits_lora_eval.py models/demo/digits-inverted-lora.safetensors
+    python scripts/digits_lora_eval.py models/demo/digits-italic-lora.safetensors     # about 2 min, 1 thread
 
-100 samples (10 per digit) per case. Style: the mean brightness of each image's 4-pixel border (the background),
-in [-1, 1]; above 0 counts as white. Digit: the demo's classifier judge (ldm.data.digit_eval), shown the image
-with its ink made white again (negated) when the background is white, as it was fitted on white-on-black digits.
+100 samples (10 per digit, the demo's txt2img defaults: dpmpp_2m, 20 steps, scale 3) per case. Style: the slant
+of each sample's ink (ldm.data.digits.slant: pixels across per pixel up; upright digits about 0, the style 0.5),
+above 0.25 counts as italic. Digit: the demo's classifier judge (ldm.data.digit_eval), shown each sample set
+upright first (ldm.data.digits.deskew, in every case alike), as it was fitted on upright digits.
 """
 
 from __future__ import annotations
@@ -15,62 +17,78 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ldm.adapters import apply_adapters  # noqa: E402
 from ldm.data.digit_eval import classify, fit_classifier, sample_digits  # noqa: E402
+from ldm.data.digits import deskew, slant  # noqa: E402
 from ldm.generation.load import load_config, load_model  # noqa: E402
 from ldm.speed.runtime import resolve_runtime  # noqa: E402
 
-CONFIG = "configs/demo/digits.yaml"
-CKPT = "models/demo/digits.safetensors"
+CONFIG = os.path.join(REPO, "configs", "demo", "digits.yaml")
+CKPT = os.path.join(REPO, "models", "demo", "digits.safetensors")
+ITALIC = 0.25  # halfway between upright (0) and the trained style (0.5)
+PLAIN = "a handwritten digit {num}"
+# (case, LoRA weight or None for no LoRA, with the trigger word)
+CASES = [
+    ("LoRA 1.0, with the trigger word", 1.0, True),
+    ("LoRA 1.0, without the trigger word", 1.0, False),
+    ("LoRA 0.0, with the trigger word", 0.0, True),
+    ("no LoRA, with the trigger word", None, True),
+]
 
 
-def background(images: torch.Tensor) -> torch.Tensor:
-    """Mean of each image's outer 4-pixel frame, over channels: the background's brightness in [-1, 1]."""
-    frame = torch.ones(images.shape[-2:], dtype=torch.bool)
-    frame[4:-4, 4:-4] = False
-    return images.float().mean(1)[:, frame].mean(1)
+def load_demo(threads: int = 1):
+    """The demo model, its runtime and the classifier judge."""
+    torch.set_num_threads(threads)
+    config = load_config(CONFIG)
+    runtime = resolve_runtime(config, None, None, None, None)
+    return load_model(config, CKPT, runtime, verbose=False), runtime, fit_classifier()
 
 
-def measure(model, runtime, classifier, template: str, seed: int) -> tuple[float, float]:
-    """(share with a white background, share labelled as the prompted digit) of 100 samples."""
-    samples = sample_digits(model, runtime, per_digit=10, template=template, seed=seed)
-    white = background(samples.images) > 0
-    upright = torch.where(white[:, None, None, None], -samples.images, samples.images)
-    return float(white.float().mean()), float(np.mean(classify(classifier, upright) == samples.intended))
+def measure(model, runtime, classifier, template: str, *, per_digit: int = 10, seed: int = 42) -> dict[str, float]:
+    """Of 10 * per_digit samples: the share drawn italic, the median slant, the share labelled as the prompted
+    digit once set upright."""
+    samples = sample_digits(model, runtime, per_digit=per_digit, template=template, seed=seed)
+    lean = slant(samples.images)
+    judged = classify(classifier, deskew(samples.images)) == samples.intended
+    return {"italic": float((lean > ITALIC).float().mean()), "slant": float(lean.median()),
+            "digit": float(np.mean(judged))}  # fmt: skip
+
+
+def evaluate(model, runtime, classifier, lora: str, trigger: str = "italic", **kw) -> dict[str, dict[str, float]]:
+    """`measure` for each of CASES."""
+    results = {}
+    for case, weight, triggered in CASES:
+        template = f"{trigger} {PLAIN}" if triggered else PLAIN
+        if weight is None:
+            results[case] = measure(model, runtime, classifier, template, **kw)
+        else:
+            with apply_adapters(model, loras=[(lora, weight)]):
+                results[case] = measure(model, runtime, classifier, template, **kw)
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("lora", help="the exported LoRA (.safetensors)")
-    parser.add_argument("--trigger", default="inverted")
+    parser.add_argument("--trigger", default="italic")
+    parser.add_argument("--per_digit", type=int, default=10, help="samples per digit and case (default 10)")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    config = load_config(CONFIG)
-    runtime = resolve_runtime(config, None, None, None, None)
-    model = load_model(config, CKPT, runtime, verbose=False)
-    classifier = fit_classifier()
-    with_trigger = f"{args.trigger} a handwritten digit {{num}}"
-    rows = []
-    for label, weight, template in [
-        ("LoRA 1.0, with the trigger word", 1.0, with_trigger),
-        ("LoRA 1.0, without the trigger word", 1.0, "a handwritten digit {num}"),
-        ("LoRA 0.0, with the trigger word", 0.0, with_trigger),
-        ("no LoRA, with the trigger word", None, with_trigger),
-    ]:
-        if weight is None:
-            white, digit = measure(model, runtime, classifier, template, args.seed)
-        else:
-            with apply_adapters(model, loras=[(args.lora, weight)]):
-                white, digit = measure(model, runtime, classifier, template, args.seed)
-        rows.append(f"| {label} | {white:.0%} | {digit:.0%} |")
-    print("| case (100 samples, 10 per digit) | white background | prompted digit (judge) |")
-    print("|---|---|---|")
-    print("\n".join(rows))
+    model, runtime, classifier = load_demo(args.threads)
+    results = evaluate(model, runtime, classifier, args.lora, args.trigger, per_digit=args.per_digit, seed=args.seed)
+    n = 10 * args.per_digit
+    print(f"| case ({n} samples, {args.per_digit} per digit) | italic (slant > {ITALIC}) | median slant "
+          "| prompted digit (judge) |")  # fmt: skip
+    print("|---|---|---|---|")
+    for case, r in results.items():
+        print(f"| {case} | {r['italic']:.0%} | {r['slant']:.2f} | {r['digit']:.0%} |")
     return 0
 
 

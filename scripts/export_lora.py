@@ -3,7 +3,8 @@
 the AUTOMATIC1111 web UI, ComfyUI, diffusers and our own `--lora` read.
 
 example:
-  python scripts/export_lora.py logs/digits-lora/checkpoints/last.ckpt models/demo/digits-inverted-lora.safetensors
+  python scripts/export_lora.py logs/digits-italic-lora/checkpoints/last.ckpt \
+      models/demo/digits-italic-lora.safetensors --fp16
 """
 
 from __future__ import annotations
