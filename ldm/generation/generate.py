@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -44,9 +45,10 @@ SOLVERS: dict[str, SamplerInfo] = {
 }
 SAMPLER_NAMES = (*ORIGINAL_SAMPLERS, *SOLVERS)
 SCHEDULES = ("discrete", "karras")
-# Called after each sampling step of a batch with (step index, steps in this batch); it may raise to stop the
-# run there (the image service cancels and enforces time limits that way). It draws no random numbers.
-StepCallback = Callable[[int, int], None]
+# Called after each sampling step of a batch with (step index, steps in this batch, the step's estimate of the
+# clean latents, for previews); it may raise to stop the run there (the image service cancels and enforces time
+# limits that way). It must not change the latents and draws no random numbers.
+StepCallback = Callable[[int, int, torch.Tensor], None]
 
 
 def describe_samplers() -> str:
@@ -127,6 +129,26 @@ def solver_sigmas(
     return discrete_sigmas(model.alphas_cumprod, steps, device=device)
 
 
+def embeds_guidance(model) -> bool:
+    """Whether the model's UNet takes the guidance scale as an input (LCM-distilled, `time_cond_proj_dim`)."""
+    unet = getattr(getattr(model, "model", None), "diffusion_model", None)
+    return bool(getattr(unet, "time_cond_proj_dim", None))
+
+
+@contextmanager
+def embedded_guidance(model, scale: float | None) -> Iterator[None]:
+    """The guidance scale an LCM-distilled UNet embeds for the calls inside (None: the model's own setting)."""
+    if scale is None:
+        yield
+        return
+    unet = model.model.diffusion_model
+    before, unet.guidance_scale = unet.guidance_scale, scale
+    try:
+        yield
+    finally:
+        unet.guidance_scale = before
+
+
 def run_solver(
     model,
     s: SampleSettings,
@@ -142,19 +164,22 @@ def run_solver(
     """Run the solver `s.sampler` from `x` along `sigmas`; guidance is applied inside the denoiser, which
     `wrap_denoiser` may wrap (inpainting pins the kept region's prediction to the known latents)."""
     consistency = s.sampler in CONSISTENCY_SAMPLERS  # such models only ever saw integer timesteps
-    eps = lambda x_, t: guided_eps(model, x_, t, cond, uncond, s.scale)  # noqa: E731
+    # An LCM-distilled UNet with a guidance input embeds the scale: one UNet pass per step, no guidance batch.
+    embedded = consistency and embeds_guidance(model)
+    eps = lambda x_, t: guided_eps(model, x_, t, cond, None if embedded else uncond, s.scale)  # noqa: E731
     denoiser = denoiser_from_eps(eps, model.alphas_cumprod, quantize=consistency)
     if consistency:
         denoiser = lcm_denoiser(denoiser, model.alphas_cumprod)
     if wrap_denoiser is not None:
         denoiser = wrap_denoiser(denoiser)
     total = len(sigmas) - 1
-    with tqdm(total=total, desc=f"{s.sampler} sampler", disable=not progress, leave=False) as bar:
+    bar = tqdm(total=total, desc=f"{s.sampler} sampler", disable=not progress, leave=False)
+    with bar, embedded_guidance(model, s.scale if embedded else None):
 
         def after_step(i: int, x_: torch.Tensor, denoised: torch.Tensor) -> None:
             bar.update(1)
             if step_callback is not None:
-                step_callback(i, total)
+                step_callback(i, total, denoised)
 
         return SOLVERS[s.sampler].fn(denoiser, x, sigmas, generator=generator, callback=after_step)
 
@@ -180,7 +205,7 @@ def original_callback(step_callback: StepCallback | None, total: int):
     """The DDIM/PLMS samplers' `callback(i, x, pred_x0)` as a StepCallback call (None stays None)."""
     if step_callback is None:
         return None
-    return lambda i, x, pred_x0: step_callback(i, total)
+    return lambda i, x, pred_x0: step_callback(i, total, pred_x0)
 
 
 def original_steps(model, steps: int) -> int:
@@ -327,7 +352,7 @@ def generate(
     used afterwards): the VAE encoder at once, the text encoder after encoding every batch first, the UNet
     before the last decode. The images are the same.
 
-    `step_callback(i, steps)` is called after every sampling step (see StepCallback); the images are the same.
+    `step_callback(i, steps, denoised)` is called after every sampling step (see StepCallback); the images are the same.
     """
     check_sampler(s.sampler, s.schedule, s.steps)
     device = runtime.device

@@ -35,6 +35,8 @@ HARMLESS_EXTRA_PREFIXES = ("model_ema.",)
 HARMLESS_EXTRA_KEYS = {"cond_stage_model.transformer.text_model.embeddings.position_ids"}
 # Keys the model can compute itself when a file lacks them.
 OPTIONAL_KEYS = set(SCHEDULE_BUFFERS)
+# An LCM-distilled UNet's guidance-embedding projection (UNetModel's time_cond_proj_dim).
+GUIDANCE_PROJ_KEY = "model.diffusion_model.time_embedding.cond_proj.weight"
 # Byte alignment of fresh CPU allocations (64, one cache line / AVX-512 vector).
 ALIGNMENT = 64
 
@@ -107,6 +109,24 @@ def check_layout(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> LoadReport
     return report
 
 
+def with_unet_options_of(model_config: Mapping[str, Any], sd: Mapping[str, torch.Tensor]) -> Mapping[str, Any]:
+    """`model_config`, with `time_cond_proj_dim` set from the file where its UNet takes a guidance embedding (an
+    LCM-distilled UNet: `time_embedding.cond_proj.weight`) and the config does not say."""
+    weight = sd.get(GUIDANCE_PROJ_KEY)
+    if weight is None:
+        return model_config
+    config = OmegaConf.create(OmegaConf.to_container(OmegaConf.create(dict(model_config)), resolve=True))
+    unet = OmegaConf.select(config, "params.unet_config")
+    if unet is None:
+        raise CheckpointError(f"the checkpoint's UNet takes a guidance embedding ({GUIDANCE_PROJ_KEY}) but the "
+                              f"config's model has no params.unet_config to set time_cond_proj_dim on")  # fmt: skip
+    if unet.get("params") is None:
+        unet.params = {}
+    if unet.params.get("time_cond_proj_dim") is None:
+        unet.params.time_cond_proj_dim = int(weight.shape[1])
+    return config
+
+
 def _restore_buffers(model: nn.Module, device: torch.device) -> None:
     for module in model.modules():
         if module is not model and hasattr(module, "restore_buffers"):
@@ -127,7 +147,7 @@ def build_model(
     `release(source)` is called for each file tensor that had to be copied (another dtype or device, or
     unaligned), right after its copy, so a memory-mapped file's pages can be given back as loading goes."""
     with torch.device("meta"):
-        model = instantiate_from_config(model_config)
+        model = instantiate_from_config(with_unet_options_of(model_config, sd))
     report = check_layout(model, sd)
     expected = model.state_dict()
     tensors = {}

@@ -144,7 +144,8 @@ class Pipeline:
         """`vae="taesd"` decodes with the tiny autoencoder (fast, a little less detail). `loras` ("PATH[:WEIGHT]" or
         (path, weight)) are merged for this call only, as are `<lora:NAME:WEIGHT>` tags of the prompt (from
         models/lora/); `embeddings` (and those of models/embeddings/ whose name the prompts use) add words.
-        `step_callback(i, steps)` is called after each sampling step and may raise to stop the run.
+        `step_callback(i, steps, denoised)` is called after each sampling step (denoised: the latents that step
+        predicts, for previews) and may raise to stop the run.
         `deepcache=N` runs the full UNet every N-th call only (ldm.speed.feature_reuse); `vae_tile` decodes in tiles
         of that many pixels (ldm.speed.tiling); `tome=RATIO` merges tokens before the full-resolution
         self-attentions (ldm.speed.token_merge). Each saves time or memory and changes the pixels a little."""

@@ -47,6 +47,18 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     return emb
 
 
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of guidance weights w = scale - 1 for LCM-distilled UNets: [sin(1000 w f), cos(1000 w f)]
+    with f = 10000^(-i / (dim/2 - 1)), as diffusers' LatentConsistencyModelPipeline.get_guidance_scale_embedding."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / (half - 1))).to(w.device)
+    args = (w.float() * 1000.0)[:, None] * freqs[None]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
 class TimestepEmbedSequential(nn.Sequential):
     """Passes the timestep embedding to ResBlocks and the text context to transformers."""
 
@@ -142,6 +154,7 @@ class UNetModel(nn.Module):
         use_checkpoint: bool = False,
         legacy: bool = False,
         conv_resample: bool = True,
+        time_cond_proj_dim: int | None = None,
     ):
         super().__init__()
         if not use_spatial_transformer or context_dim is None:
@@ -155,6 +168,16 @@ class UNetModel(nn.Module):
         self.model_channels = model_channels
         time_dim = model_channels * 4
         self.time_embed = nn.Sequential(nn.Linear(model_channels, time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
+        # LCM-distilled UNets (time_cond_proj_dim, e.g. 256) take the guidance scale as an input: its embedding,
+        # projected, is added to the timestep's. Key `time_embedding.cond_proj.weight`, diffusers' name, which its
+        # diffusers-to-original converter keeps as is in single-file checkpoints.
+        self.time_cond_proj_dim = time_cond_proj_dim
+        if time_cond_proj_dim:
+            cond_proj = nn.Linear(time_cond_proj_dim, model_channels, bias=False)
+            self.time_embedding = nn.ModuleDict({"cond_proj": cond_proj})
+        # The scale such a UNet embeds when a call gives none (set by ldm.generation.generate for LCM sampling);
+        # None adds no guidance embedding, as diffusers' UNet without timestep_cond.
+        self.guidance_scale: float | None = None
 
         def transformer(ch: int) -> SpatialTransformer:
             heads = num_heads if num_head_channels == -1 else ch // num_head_channels
@@ -200,9 +223,20 @@ class UNetModel(nn.Module):
         # ldm.generation.load where it pays and may change the last bits (Runtime.shares_guidance_prefix).
         self.shares_guidance_prefix = False
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor,
+        guidance_scale: torch.Tensor | float | None = None,
+    ) -> torch.Tensor:
         dtype = compute_dtype(self)
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))
+        t_emb = timestep_embedding(timesteps, self.model_channels).to(dtype)
+        scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        if self.time_cond_proj_dim and scale is not None:
+            w = torch.as_tensor(scale, dtype=torch.float32, device=x.device).expand(t_emb.shape[0]) - 1.0
+            t_emb = t_emb + self.time_embedding.cond_proj(guidance_embedding(w, self.time_cond_proj_dim).to(dtype))
+        emb = self.time_embed(t_emb)
         h = x.to(dtype)
         reuse = self.feature_reuse
         full = reuse is None or reuse.next_is_full(h)
