@@ -82,7 +82,7 @@ def test_sigkill_in_the_middle_of_a_job_then_restart_loses_nothing(state, tmp_pa
     state["expected"] = []
     engine = shared_engine()  # an uninterrupted run of the same requests, in this process (one thread, as the server)
     for k, ((_, _, n, _), view) in enumerate(zip(JOBS, views, strict=True)):
-        count = engine.run("txt2img", view["request"], {}, tmp_path / str(k), lambda i, steps: None)
+        count = engine.run("txt2img", view["request"], {}, tmp_path / str(k), lambda i, steps, denoised: None)
         expected = [engine.image_path(tmp_path / str(k), j) for j in range(count)]
         assert len(view["images"]) == len(expected) == n
         for image_url, png in zip(view["images"], expected, strict=True):

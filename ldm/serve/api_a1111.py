@@ -8,6 +8,7 @@ it for every image.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 from typing import Any
@@ -38,7 +39,7 @@ DISPLAY = {ours: a1111 for a1111, ours in A1111_SAMPLERS.items()}
 TITLES = {  # A1111's spelling of its sampler names
     "euler a": "Euler a", "euler": "Euler", "lms": "LMS", "heun": "Heun", "dpm2": "DPM2", "dpm2 a": "DPM2 a",
     "dpm++ 2s a": "DPM++ 2S a", "dpm++ 2m": "DPM++ 2M", "dpm++ sde": "DPM++ SDE", "dpm++ 2m sde": "DPM++ 2M SDE",
-    "dpm++ 3m sde": "DPM++ 3M SDE", "ddim": "DDIM", "plms": "PLMS", "unipc": "UniPC",
+    "dpm++ 3m sde": "DPM++ 3M SDE", "ddim": "DDIM", "plms": "PLMS", "unipc": "UniPC", "lcm": "LCM",
 }  # fmt: skip
 
 
@@ -113,13 +114,15 @@ async def progress(request: Request) -> dict:
     service = service_of(request)
     current = service.worker.current
     step, steps, eta = (current.step, current.steps, current.eta()) if current else (0, 0, None)
+    preview = current.preview if current is not None else None  # jobs created with "previews": true
+    image = None if preview is None else base64.b64encode(preview).decode("ascii")
     queued = service.store.queued()
     return {
         "progress": step / steps if steps else 0.0, "eta_relative": eta or 0.0,
         "state": {"skipped": False, "interrupted": False, "job": current.job_id if current else "",
                   "job_count": queued + (1 if current else 0), "job_timestamp": "", "job_no": 0,
                   "sampling_step": step, "sampling_steps": steps},
-        "current_image": None, "textinfo": None, "current_task": current.job_id if current else None,
+        "current_image": image, "textinfo": None, "current_task": current.job_id if current else None,
     }  # fmt: skip
 
 
@@ -190,6 +193,22 @@ async def png_info(request: Request) -> dict:
         prompt, negative, fields = parse_infotext(text)
         parameters = {"Prompt": prompt, "Negative prompt": negative, **fields}
     return {"info": text, "items": chunks, "parameters": parameters}
+
+
+@router.get("/loras")
+async def loras(request: Request) -> list[dict]:
+    """The LoRAs `<lora:NAME:WEIGHT>` may name (the server's --lora_dir; no server path is shown)."""
+    names = await run_in_threadpool(lambda: sorted(service_of(request).adapters.loras()))
+    return [{"name": n, "alias": n, "path": None, "metadata": {}} for n in names]
+
+
+@router.get("/embeddings")
+async def embeddings(request: Request) -> dict:
+    """A1111's listing: the embeddings of the server's --embeddings_dir by word."""
+    loaded, skipped = await run_in_threadpool(service_of(request).adapters.embedding_shapes)
+    entry = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None}
+    return {"loaded": {w: entry | {"shape": d, "vectors": n} for w, (n, d) in loaded.items()},
+            "skipped": {w: {"error": why} for w, why in skipped.items()}}  # fmt: skip
 
 
 @router.get("/scripts")

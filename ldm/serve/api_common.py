@@ -39,7 +39,9 @@ async def submit(request: Request, spec: JobSpec) -> tuple[Job, bool]:
     """Check `spec` (images decoded off the event loop) and queue it; (job, created)."""
     service = service_of(request)
     service.check_room(request.headers.get("idempotency-key"))
-    kind, stored, inputs = await run_in_threadpool(build_job, spec, service.limits, service.defaults)
+    kind, stored, inputs = await run_in_threadpool(
+        build_job, spec, service.limits, service.defaults, service.adapters, service.tiny
+    )
     return service.submit(kind, stored, inputs, request.headers.get("idempotency-key"))
 
 

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import re
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from ldm.serve.api_common import find_job, image_paths, read_json, service_of, submit
 from ldm.serve.errors import ApiError, field_error
 from ldm.serve.schemas import JobSpec, NativeJob, decode_b64
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+catalog = APIRouter(prefix="/v1", tags=["adapters"])
 IMAGE_NAME = re.compile(r"(\d{1,6})\.png")
 KEEPALIVE = 15.0
 
@@ -38,6 +41,7 @@ async def create_job(request: Request) -> JSONResponse:
         strength=body.strength if body.strength is not None else (1.0 if body.kind == "inpaint" else 0.75),
         init=None if body.init_image is None else decode_b64(body.init_image, "init_image", limit),
         mask=None if body.mask is None else decode_b64(body.mask, "mask", limit),
+        loras=[(lora.name, lora.weight) for lora in body.loras], vae=body.vae, previews=body.previews,
         names={"init": "init_image"},
     )  # fmt: skip
     job, created = await submit(request, spec)
@@ -91,6 +95,25 @@ async def cancel_job(request: Request, job_id: str) -> dict:
     return service.view(service.store.get(job.id))
 
 
+def current_preview(service, job_id: str) -> bytes | None:
+    """The running job's latest step preview (JPEG), if it is `job_id` and asked for previews."""
+    current = service.worker.current
+    return current.preview if current is not None and current.job_id == job_id else None
+
+
+@router.get("/{job_id}/preview")
+async def job_preview(request: Request, job_id: str) -> Response:
+    """The latest step's picture of a running job created with `"previews": true` (the tiny decoder's drawing of
+    that step's estimate); 404 when there is none (not running, no step yet, or no previews asked for)."""
+    service = service_of(request)
+    find_job(service, job_id)
+    preview = current_preview(service, job_id)
+    if preview is None:
+        raise ApiError(404, f"job_id: job {job_id} has no preview now (previews are kept while it runs, for jobs "
+                            'created with "previews": true)', "job_id")  # fmt: skip
+    return Response(preview, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
+
+
 @router.get("/{job_id}/events")
 async def job_events(request: Request, job_id: str) -> StreamingResponse:
     """Server-sent events: `progress` (status, step/steps, ETA, queue position) on every change, then `done`."""
@@ -104,6 +127,9 @@ async def job_events(request: Request, job_id: str) -> StreamingResponse:
             job = service.store.get(job_id)
             view = service.view(job)
             brief = {k: view.get(k) for k in ("id", "status", "progress", "position", "error")}
+            preview = current_preview(service, job_id)
+            if preview is not None:
+                brief["preview"] = "data:image/jpeg;base64," + base64.b64encode(preview).decode("ascii")
             if job.done:
                 yield f"event: done\ndata: {json.dumps(brief)}\n\n"
                 return
@@ -119,3 +145,20 @@ async def job_events(request: Request, job_id: str) -> StreamingResponse:
                 yield ": keep-alive\n\n"
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+@catalog.get("/loras")
+async def list_loras(request: Request) -> dict:
+    """The LoRAs requests may name (in `loras` or as `<lora:NAME:WEIGHT>` prompt tags): the server's --lora_dir."""
+    names = await run_in_threadpool(lambda: sorted(service_of(request).adapters.loras()))
+    return {"loras": [{"name": name} for name in names]}
+
+
+@catalog.get("/embeddings")
+async def list_embeddings(request: Request) -> dict:
+    """The embeddings a prompt uses by writing their word: the server's --embeddings_dir."""
+    loaded, skipped = await run_in_threadpool(service_of(request).adapters.embedding_shapes)
+    return {
+        "embeddings": [{"word": w, "vectors": n, "width": d} for w, (n, d) in sorted(loaded.items())],
+        "skipped": skipped,
+    }

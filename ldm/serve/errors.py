@@ -42,7 +42,9 @@ def error_response(path: str, e: ApiError) -> JSONResponse:
 def validation_message(errors: list[dict]) -> tuple[str, str]:
     """(field, one-line message) from pydantic's error list; the first error names the field."""
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "form")]
+    loc = [str(p) for p in first.get("loc", ())]
+    if loc and loc[0] in ("body", "query", "path", "form"):  # where it came from, not a field (a field may be "path")
+        loc = loc[1:]
     field = ".".join(loc) or "body"
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return field, f"{field}: {first.get('msg', 'invalid')}{more}"

@@ -23,11 +23,12 @@ from pydantic import BaseModel, ConfigDict
 from ldm.cli.options import SEED_RANGE
 from ldm.files.image_input import MULTIPLE, ImageInputError, load_image_array, load_mask
 from ldm.generation.generate import SAMPLER_NAMES, check_sampler
+from ldm.serve.adapters import MAX_LORAS, AdapterCatalog
 from ldm.serve.errors import ApiError, field_error
 from ldm.serve.settings import Limits
 
 SIZE_MULTIPLE = 8
-ADAPTER_TAG = re.compile(r"<(lora|lyco|hypernet):", re.IGNORECASE)
+UNSUPPORTED_TAG = re.compile(r"<(lyco|hypernet):", re.IGNORECASE)
 
 # A1111's sampler names (lower-cased) -> ours; "<name> Karras" and the separate `scheduler` field pick the schedule.
 A1111_SAMPLERS = {
@@ -45,6 +46,7 @@ A1111_SAMPLERS = {
     "ddim": "ddim",
     "plms": "plms",
     "unipc": "unipc",
+    "lcm": "lcm",
 }
 A1111_SCHEDULERS = {"automatic": None, "uniform": "discrete", "normal": "discrete", "karras": "karras"}
 
@@ -121,13 +123,22 @@ class JobSpec:
     mask_invert: bool = False
     resize_init: bool = False  # A1111/OpenAI: an init image of another size is resized to width x height
     eta_only_ddim: bool = False  # A1111 clients send eta for every sampler; only DDIM uses it
+    loras: list[tuple[str, float]] = field(default_factory=list)  # (NAME in --lora_dir, weight), besides tags
+    vae: str = "full"  # or "taesd": the tiny autoencoder decodes (and encodes img2img's input)
+    previews: bool = False  # keep a tiny-decoder picture of each step's estimate for the progress events
     names: dict[str, str] = field(default_factory=dict)
     api: str = "native"
 
 
-def build_job(spec: JobSpec, limits: Limits, defaults: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, bytes]]:
+def build_job(
+    spec: JobSpec,
+    limits: Limits,
+    defaults: dict[str, Any],
+    adapters: AdapterCatalog | None = None,
+    tiny: bool = False,
+) -> tuple[str, dict[str, Any], dict[str, bytes]]:
     """(kind, stored request, input images) for a request, or ApiError naming the field. Decodes images: call it
-    off the event loop."""
+    off the event loop. `adapters` lists the LoRAs requests may name; `tiny`: a tiny autoencoder is loaded."""
 
     def name(key: str) -> str:
         return spec.names.get(key, key)
@@ -140,9 +151,14 @@ def build_job(spec: JobSpec, limits: Limits, defaults: dict[str, Any]) -> tuple[
             text.encode("utf-8")
         except UnicodeEncodeError:
             raise field_error(name(key), "not valid UTF-8 text") from None
-        if ADAPTER_TAG.search(text):  # the CLI loads such files by name; the service opens no file a client names
-            raise field_error(name(key), "<lora:...> and similar tags are not taken by the service (it loads no file "
-                                         "a request names); remove the tag")  # fmt: skip
+        if UNSUPPORTED_TAG.search(text):
+            raise field_error(name(key), "<lyco:...> and <hypernet:...> tags are not supported; use <lora:NAME:W>")
+    loras = check_loras(spec, adapters, name)
+    if spec.vae not in ("full", "taesd"):
+        raise field_error(name("vae"), f"must be 'full' or 'taesd', got {spec.vae!r}")
+    if (spec.vae == "taesd" or spec.previews) and not tiny:
+        raise field_error(name("vae" if spec.vae == "taesd" else "previews"), "this server has no tiny autoencoder: "
+                          "start it with --taesd PATH (or a config with a taesd: section)")  # fmt: skip
     sampler, schedule = resolve_sampler(spec.sampler, spec.scheduler, spec.karras, defaults["sampler"],
                                         name("sampler"))  # fmt: skip
     steps = defaults["ddim_steps"] if spec.steps is None else spec.steps
@@ -177,6 +193,12 @@ def build_job(spec: JobSpec, limits: Limits, defaults: dict[str, Any]) -> tuple[
         prompt=spec.prompt, negative_prompt=spec.negative_prompt, sampler=sampler, schedule=schedule, steps=steps,
         scale=scale, eta=eta, seed=seed, random_seed=random_seed, n=spec.n, n_iter=spec.n_iter, api=spec.api,
     )  # fmt: skip
+    if loras:
+        request["loras"] = loras
+    if spec.vae != "full":
+        request["vae"] = spec.vae
+    if spec.previews:
+        request["previews"] = True
     inputs: dict[str, bytes] = {}
     if spec.init is None:
         if spec.mask is not None:
@@ -215,12 +237,51 @@ def build_job(spec: JobSpec, limits: Limits, defaults: dict[str, Any]) -> tuple[
             if spec.mask_invert:
                 mask = png_bytes(Image.eval(Image.open(io.BytesIO(mask)).convert("L"), lambda v: 255 - v))
             inputs["mask"] = mask
+            kind = "inpaint"
         request.update(strength=spec.strength, mask_blur=spec.mask_blur, mask_dilate=spec.mask_dilate)
     if width * height > limits.max_pixels:
         raise field_error(name("width"), f"{width}x{height} is more than the {limits.max_pixels} pixels allowed "
                                          "(--max_pixels)")  # fmt: skip
     request.update(kind=kind, width=width, height=height)
     return kind, request, inputs
+
+
+def check_loras(spec: JobSpec, adapters: AdapterCatalog | None, name) -> list[list]:
+    """The request's `loras` field as stored ([NAME, weight] each), after checking it and the prompts' tags
+    against the server's listing; a tag or name that is not listed is refused (no file is opened for it)."""
+    count = 0
+    for key in ("prompt", "negative_prompt"):
+        text = getattr(spec, key)
+        if "<lora:" not in text.lower():
+            continue
+        if adapters is None:
+            raise field_error(name(key), "this server offers no LoRAs; remove the <lora:...> tag")
+        try:
+            count += len(adapters.check_tags(text))
+        except ValueError as e:
+            raise field_error(name(key), str(e)) from None
+    stored = []
+    for i, (lora, weight) in enumerate(spec.loras):
+        if adapters is None:
+            raise field_error(name("loras"), "this server offers no LoRAs")
+        if not math.isfinite(weight):
+            raise field_error(f"{name('loras')}[{i}].weight", f"must be a finite number, got {weight}")
+        try:
+            adapters.check_name(lora)
+        except ValueError as e:
+            raise field_error(f"{name('loras')}[{i}].name", str(e)) from None
+        stored.append([lora, float(weight)])
+    if count + len(stored) > MAX_LORAS:
+        raise field_error(name("loras"), f"{count + len(stored)} LoRAs; at most {MAX_LORAS} per request")
+    return stored
+
+
+class LoraRef(BaseModel):
+    """One LoRA of the server's --lora_dir (its name as `GET /v1/loras` lists it) and its weight."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    weight: float = 1.0
 
 
 class NativeJob(BaseModel):
@@ -245,6 +306,9 @@ class NativeJob(BaseModel):
     mask: str | None = None
     mask_blur: float = 0.0
     mask_dilate: int = 0
+    loras: list[LoraRef] = []
+    vae: Literal["full", "taesd"] = "full"
+    previews: bool = False
 
 
 class A1111Txt2Img(BaseModel):

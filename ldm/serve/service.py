@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ldm.generation.load import load_config
-from ldm.serve.engine import Engine, config_defaults
+from ldm.serve.adapters import AdapterCatalog
+from ldm.serve.engine import Engine, config_defaults, offers_tiny_autoencoder
 from ldm.serve.errors import ApiError
 from ldm.serve.metrics import Metrics
 from ldm.serve.settings import Settings
@@ -60,7 +61,13 @@ class Service:
     def __init__(self, settings: Settings, engine: Engine | None = None):
         self.settings = settings
         self.limits = settings.limits
-        self.defaults = engine.defaults if engine is not None else config_defaults(load_config(settings.config))
+        cfg = None if engine is not None else load_config(settings.config)
+        self.defaults = engine.defaults if engine is not None else config_defaults(cfg)
+        self.adapters = AdapterCatalog(settings.lora_dir, settings.embeddings_dir)
+        if engine is not None:
+            self.tiny = getattr(engine.model, "tiny_autoencoder", None) is not None
+        else:
+            self.tiny = offers_tiny_autoencoder(settings, cfg)
         self.store = JobStore(settings.data_dir)
         self.metrics = Metrics(self.store.counts)
         self.notifier = Notifier()
@@ -172,11 +179,15 @@ class Service:
             "expired": job.expired,
             "request": job.request,
         }
+        if job.owner is not None:  # shared store (Ray Serve): the replica that runs or ran it
+            out["worker"] = job.owner
         current = self.worker.current
         if job.status == "queued":
             out["position"] = self.store.position(job)
         if current is not None and current.job_id == job.id:
             out["progress"] = {"step": current.step, "steps": current.steps, "eta_seconds": current.eta()}
+            if current.preview is not None:
+                out["progress"]["preview_step"] = current.preview_step
         if job.status == "succeeded" and not job.expired:
             out["images"] = [f"/v1/jobs/{job.id}/images/{k}.png" for k in range(job.images)]
         return out

@@ -53,6 +53,9 @@ class Settings:
     deepcache: int = 0
     tome: float = 0.0
     vae_tile: int | None = None
+    lora_dir: Path = Path("models/lora")  # the LoRAs requests may name (<lora:NAME:W>), as txt2img's --lora_dir
+    embeddings_dir: Path = Path("models/embeddings")  # embeddings found by their word in prompts
+    taesd: list[str] = field(default_factory=list)  # tiny autoencoder files (vae "taesd", previews); else config's
     threads: int | None = None
     data_dir: Path = field(default_factory=default_data_dir)
     keep: float = 24 * 3600.0  # seconds a finished job and its images are kept
@@ -63,6 +66,11 @@ class Settings:
     grace: float = 30.0
     forwarded_allow_ips: str | None = None
     limits: Limits = field(default_factory=Limits)
+    ray: str | None = None  # Ray Serve (ldm.serve.ray_serve): "" a local Ray, else the cluster's address
+    replicas: int = 2  # model replicas on Ray Serve, each with its own worker, sharing the data directory
+    cpus_per_replica: float = 1.0
+    gpus_per_replica: float = 0.0
+    lease: float = 30.0  # seconds a replica's claim on a job lasts without its heartbeat (then another runs it)
 
     @property
     def auth_required(self) -> bool:
@@ -104,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deepcache", type=int, default=0, metavar="N", help="as txt2img's, for every job")
     p.add_argument("--tome", type=float, default=0.0, metavar="RATIO", help="as txt2img's, for every job")
     p.add_argument("--vae_tile", type=int, default=None, metavar="PIXELS", help="as txt2img's, for every job")
+    p.add_argument("--lora_dir", type=Path, default=Path("models/lora"), help="LoRAs requests may name (<lora:NAME:W>)")
+    p.add_argument("--embeddings_dir", type=Path, default=Path("models/embeddings"), help="embeddings prompts may use")
+    p.add_argument(
+        "--taesd", action="append", default=[], metavar="PATH",
+        help="tiny autoencoder files for requests' vae 'taesd' and step previews (default: the config's taesd:)",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: CPU cores - 1)")
     p.add_argument("--data_dir", type=Path, default=None, help=f"jobs database and images ({default_data_dir()})")
     p.add_argument("--keep", type=parse_duration, default=24 * 3600.0, help="keep finished jobs this long (24h)")
@@ -120,6 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="proxies whose X-Forwarded-* headers are trusted (behind a reverse proxy, e.g. 127.0.0.1)",
     )
+    g = p.add_argument_group("Ray Serve (pip install -e '.[ray]'; docs/scaling.md)")
+    g.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="serve on Ray Serve: alone, a new local Ray instance; 'auto' or ray://HOST:10001, a running "
+                        "cluster")  # fmt: skip
+    g.add_argument("--replicas", type=int, default=2, help="model replicas (each runs jobs; --ray only)")
+    g.add_argument("--cpus_per_replica", type=float, default=1.0, help="CPUs Ray reserves for each replica")
+    g.add_argument("--gpus_per_replica", type=float, default=0.0, help="GPUs Ray reserves for each replica")
+    g.add_argument("--lease", type=parse_duration, default=30.0,
+                   help="a replica's claim on a job lapses this long after its last heartbeat")  # fmt: skip
     d = Limits()
     p.add_argument("--max_queue", type=int, default=d.max_queue, help="jobs waiting; full -> 429")
     p.add_argument("--max_pixels", type=int, default=d.max_pixels, help="width x height of an output image")
@@ -179,6 +202,9 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         deepcache=opt.deepcache,
         tome=opt.tome,
         vae_tile=opt.vae_tile,
+        lora_dir=opt.lora_dir,
+        embeddings_dir=opt.embeddings_dir,
+        taesd=opt.taesd,
         threads=opt.threads,
         data_dir=opt.data_dir or default_data_dir(),
         keep=opt.keep,
@@ -189,7 +215,14 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         grace=opt.grace,
         forwarded_allow_ips=opt.forwarded_allow_ips,
         limits=limits,
+        ray=opt.ray,
+        replicas=opt.replicas,
+        cpus_per_replica=opt.cpus_per_replica,
+        gpus_per_replica=opt.gpus_per_replica,
+        lease=opt.lease,
     )
+    if s.replicas < 1 or s.cpus_per_replica < 0 or s.gpus_per_replica < 0 or s.lease <= 0:
+        raise SettingsError("--replicas must be at least 1, --cpus/--gpus_per_replica >= 0 and --lease positive")
     check_exposure(s)
     from ldm.speed.runtime import PRECISIONS  # imports torch: only once the cheap checks have passed
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 from ldm.files.image_input import ImageInputError
 from ldm.generation.checks import NonFiniteError
+from ldm.generation.generate import StepCallback
+from ldm.serve.adapters import AdapterCatalog
 from ldm.serve.engine import Engine
 from ldm.serve.metrics import Metrics
 from ldm.serve.settings import Settings
@@ -25,6 +27,7 @@ from ldm.serve.store import Job, JobStore
 
 log = logging.getLogger("ldm.serve.job")
 SWEEP_SECONDS = 60.0  # how often finished jobs are checked for expiry while idle
+PREVIEW_SHARE = 9.0  # after a preview that took d seconds, the next waits 9 d: previews cost at most ~10%
 
 
 class Stop(Exception):
@@ -43,6 +46,8 @@ class Progress:
     steps: int = 0
     started: float = 0.0
     sampling_started: float | None = None
+    preview: bytes | None = None  # JPEG of the latest step's estimate (jobs that asked for previews)
+    preview_step: int = 0
 
     def eta(self) -> float | None:
         """Seconds left: the mean step time so far times the steps left (None before the first step)."""
@@ -72,6 +77,7 @@ class Worker:
         self.notify = notify
         self.engine = engine
         self.current: Progress | None = None
+        self.adapters = AdapterCatalog(settings.lora_dir, settings.embeddings_dir)
         self.load_error: str | None = None
         self.mean_job_seconds: float | None = None
         self._cancel: set[str] = set()
@@ -141,10 +147,11 @@ class Worker:
                 continue
             self.run(job)
 
-    def _step(self, job: Job, progress: Progress, deadline: float) -> Callable[[int, int], None]:
-        batch = {"index": -1, "last": time.monotonic()}
+    def _step(self, job: Job, progress: Progress, deadline: float) -> StepCallback:
+        batch = {"index": -1, "last": time.monotonic(), "next_preview": 0.0}
+        previews = bool(job.request.get("previews"))
 
-        def on_step(i: int, steps: int) -> None:
+        def on_step(i: int, steps: int, denoised) -> None:
             now = time.monotonic()
             if i == 0:
                 batch["index"] += 1
@@ -154,6 +161,11 @@ class Worker:
             batch["last"] = now
             progress.steps = steps * job.request["n_iter"]
             progress.step = batch["index"] * steps + i + 1
+            if previews and self.engine is not None and now >= batch["next_preview"]:
+                progress.preview = self.engine.preview_jpeg(denoised)
+                progress.preview_step = progress.step
+                done = time.monotonic()  # skip steps so that previews take at most a tenth of the job's time
+                batch["next_preview"] = done + PREVIEW_SHARE * (done - now)
             self.notify(job.id)
             if job.id in self._cancel:
                 raise Stop("cancelled", "cancelled")
@@ -179,7 +191,7 @@ class Worker:
                 raise Stop("cancelled", "cancelled")
             deadline = time.monotonic() + self.settings.limits.job_timeout
             images = engine.run(job.kind, job.request, self.store.inputs(job.id), out_dir,
-                                self._step(job, progress, deadline))  # fmt: skip
+                                self._step(job, progress, deadline), self.adapters)  # fmt: skip
         except Stop as e:
             status, error = e.status, (None if e.status == "cancelled" else e.reason)
         except (ImageInputError, NonFiniteError, ValueError) as e:
