@@ -1,6 +1,7 @@
 """Who may call, and how much they may send: API keys (Bearer) and HTTP Basic users, checked in constant time
-before any route runs (every route but /healthz, unknown paths and the docs included); request bodies capped; one
-structured log line per request. Plain ASGI middleware, so nothing reaches a route unchecked."""
+before any route runs (every route but /healthz and the web page's files, unknown paths and the docs included);
+request bodies capped; one structured log line per request. Plain ASGI middleware, so nothing reaches a route
+unchecked."""
 
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ldm.serve.api_web import PUBLIC_PATHS
 from ldm.serve.errors import ApiError, error_body
 from ldm.serve.service import Service
 from ldm.serve.settings import Settings
 
-OPEN_PATHS = {"/healthz"}
+OPEN_PATHS = {"/healthz", *PUBLIC_PATHS}  # the page holds no data; it must load to ask for the key
 SIGNED_IMAGE = re.compile(r"/v1/jobs/([0-9a-f]{32})/images/(\d{1,6})\.png")
 access_log = logging.getLogger("ldm.serve.access")
 
