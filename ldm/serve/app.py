@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
-from ldm.serve import api_a1111, api_native, api_openai, api_ops, errors
+from ldm.serve import api_a1111, api_native, api_openai, api_ops, api_web, errors
 from ldm.serve.engine import Engine
 from ldm.serve.security import AccessLogMiddleware, Authenticator, AuthMiddleware, BodyLimitMiddleware
 from ldm.serve.service import Service
@@ -31,8 +31,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app = FastAPI(title="ldm-serve", version="1", lifespan=lifespan)
     app.state.service = service
     errors.install(app)
-    for module in (api_native, api_openai, api_a1111, api_ops):
+    for module in (api_native, api_openai, api_a1111, api_ops, api_web):
         app.include_router(module.router)
+    app.include_router(api_native.catalog)
     # Added innermost first: the access log sees every answer, CORS answers preflights before auth.
     app.add_middleware(BodyLimitMiddleware, limit=settings.limits.max_body)
     app.add_middleware(AuthMiddleware, auth=Authenticator(settings), service=service)

@@ -40,12 +40,34 @@ class DrainingServer(uvicorn.Server):
         threading.Thread(target=drain, name="ldm-serve-drain", daemon=True).start()
 
 
+def page_url(host: str, port: int) -> str:
+    """The address a browser on this machine opens: a wildcard bind is reached through loopback."""
+    shown = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "[::1]"}.get(host, host)
+    if ":" in shown and not shown.startswith("["):
+        shown = f"[{shown}]"
+    return f"http://{shown}:{port}/"
+
+
+def serve_on_ray(settings) -> int:
+    """`--ray`: the same app on Ray Serve (ldm.serve.ray_serve, the only serving module that imports Ray)."""
+    try:
+        from ldm.serve import ray_serve
+    except ImportError as e:
+        missing = (e.name or "ray").split(".")[0] == "ray"
+        reason = "Ray is not installed" if missing else f"Ray cannot be imported ({e})"
+        print(f'error: {reason}; install it with: pip install -e ".[ray]"', file=sys.stderr)
+        return 2
+    return ray_serve.serve_forever(settings)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = parse_settings(argv)
     except SettingsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if settings.ray is not None:
+        return serve_on_ray(settings)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     import torch  # the model's imports come after the settings are known to be good: a refusal is quick
 
@@ -74,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = DrainingServer(config, app.state.service, settings.grace)
     log.info('{"event": "listening", "url": "http://%s:%d", "data_dir": "%s"}', settings.host, settings.port,
              settings.data_dir)  # fmt: skip
+    print(f"ldm-serve: open {page_url(settings.host, settings.port)} in a browser (the web page; "
+          "the API is under /v1, /sdapi/v1, docs/serving.md)", flush=True)  # fmt: skip
     server.run()
     return 0
 

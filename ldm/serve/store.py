@@ -3,6 +3,10 @@
 Every state change is a committed transaction before anyone is told of it, so a job the API accepted (202) is on
 disk, and a job shown as succeeded has its images in place. Seeds are fixed in the stored request, so a job run
 again after a crash makes the images its first run would have made.
+
+One server owns a data directory (an exclusive lock). Several replicas may share one (Ray Serve, on one node) with
+leases instead (`use_leases`, before the store is opened): a replica claims a job with its name and a lease expiry
+that a heartbeat renews; a job whose lease ran out (its replica died) is claimed again by another replica.
 """
 
 from __future__ import annotations
@@ -47,6 +51,23 @@ CREATE TABLE IF NOT EXISTS inputs (
 """
 
 
+@dataclass(frozen=True)
+class Leases:
+    """Shared-store mode: this process's name (`owner`, recorded on the jobs it runs) and the lease length."""
+
+    owner: str
+    seconds: float = 30.0
+
+
+LEASES: Leases | None = None  # set by `use_leases`; None: the data directory is this process's alone
+
+
+def use_leases(owner: str, seconds: float = 30.0) -> None:
+    """Open every later store of this process in shared mode (a Ray Serve replica calls it before building its app)."""
+    global LEASES
+    LEASES = Leases(owner, seconds)
+
+
 class DataDirBusy(RuntimeError):
     """Another server holds the data directory: two would run the same queued jobs."""
 
@@ -69,6 +90,7 @@ class Job:
     error: str | None
     expired: bool
     seq: int
+    owner: str | None = None  # the replica that runs (or ran) it, in shared mode
 
     @property
     def done(self) -> bool:
@@ -83,24 +105,52 @@ class JobStore:
     """Thread-safe (one connection behind a lock; every call is short: no sampling happens under it)."""
 
     def __init__(self, data_dir: str | Path):
+        self.leases = LEASES
+        self.owner = None if self.leases is None else self.leases.owner
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         (self.data_dir / "images").mkdir(exist_ok=True)
         self._lock = threading.Lock()
         self._flock = open(self.data_dir / "lock", "a+b")  # held, locked, for the store's lifetime
         try:
-            fcntl.flock(self._flock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # Shared mode shares the lock with the other replicas (and still keeps a lone server out).
+            fcntl.flock(self._flock, (fcntl.LOCK_EX if self.leases is None else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except OSError:
             self._flock.close()
             message = f"another ldm-serve is using --data_dir {self.data_dir} (one process per data directory)"
             raise DataDirBusy(message) from None
         self._db = sqlite3.connect(self.data_dir / "jobs.sqlite3", check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA busy_timeout=30000")  # replicas sharing the file wait for each other's commits
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before the answer goes out
         self._db.executescript(SCHEMA)
+        self._add_lease_columns()
+        self._closed = threading.Event()
+        if self.leases is not None:
+            threading.Thread(target=self._heartbeat, name="ldm-serve-leases", daemon=True).start()
+
+    def _add_lease_columns(self) -> None:
+        """Older databases gain the owner and lease columns (NULL for jobs run without leases)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)").fetchall()}
+        for name, kind in (("owner", "TEXT"), ("lease", "REAL")):
+            if name not in columns:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+        self._db.execute("COMMIT")
+
+    def _heartbeat(self) -> None:
+        """Renew the leases of this replica's running jobs while the process lives; when it dies, they run out."""
+        assert self.leases is not None
+        while not self._closed.wait(self.leases.seconds / 3):
+            with self._lock:
+                if self._closed.is_set():
+                    return
+                self._db.execute("UPDATE jobs SET lease = ? WHERE status = 'running' AND owner = ?",
+                                 (time.time() + self.leases.seconds, self.owner))  # fmt: skip
 
     def close(self) -> None:
         with self._lock:
+            self._closed.set()
             self._db.close()
             self._flock.close()
 
@@ -110,9 +160,10 @@ class JobStore:
     def _row(self, row) -> Job | None:
         if row is None:
             return None
-        seq, id_, kind, status, request, _key, created, started, finished, attempts, images, error, expired = row
+        seq, id_, kind, status, request, _key, created, started, finished, attempts, images, error, expired = row[:13]
+        owner = row[13] if len(row) > 13 else None
         return Job(id_, kind, status, json.loads(request), created, started, finished, attempts, images, error,
-                   bool(expired), seq)  # fmt: skip
+                   bool(expired), seq, owner)  # fmt: skip
 
     def add(
         self, kind: str, request: dict[str, Any], inputs: dict[str, bytes], idempotency_key: str | None = None
@@ -183,17 +234,24 @@ class JobStore:
         return {name: bytes(data) for name, data in rows}
 
     def claim_next(self) -> Job | None:
-        """The oldest queued job, now marked running (committed)."""
+        """The oldest queued job (in shared mode also a running one whose lease ran out), now marked running by this
+        process (committed; in shared mode in one write transaction, so two replicas never claim the same job)."""
+        now = time.time()
+        expired = "" if self.leases is None else " OR (status = 'running' AND lease < ?)"
         with self._lock:
-            row = self._db.execute("SELECT id FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1").fetchone()
-            if row is None:
-                return None
-            self._db.execute(
-                "UPDATE jobs SET status = 'running', started = ?, attempts = attempts + 1 WHERE id = ? "
-                "AND status = 'queued'",
-                (time.time(), row[0]),
-            )
-            return self._get(row[0])
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute(f"SELECT id FROM jobs WHERE status = 'queued'{expired} ORDER BY seq LIMIT 1",
+                                       () if self.leases is None else (now,)).fetchone()  # fmt: skip
+                if row is not None:
+                    lease = None if self.leases is None else now + self.leases.seconds
+                    self._db.execute("UPDATE jobs SET status = 'running', started = ?, attempts = attempts + 1, "
+                                     "owner = ?, lease = ? WHERE id = ?", (now, self.owner, lease, row[0]))  # fmt: skip
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            return None if row is None else self._get(row[0])
 
     def finish(self, job_id: str, status: str, error: str | None = None, images: int = 0) -> bool:
         """Mark a queued or running job `status` (terminal); False if it had already ended."""
@@ -201,9 +259,9 @@ class JobStore:
         with self._lock:
             cur = self._db.execute(
                 "UPDATE jobs SET status = ?, error = ?, images = ?, finished = ? "
-                "WHERE id = ? AND status IN ('queued', 'running')",
-                (status, error, images, time.time(), job_id),
-            )
+                "WHERE id = ? AND (status = 'queued' OR (status = 'running' AND owner IS ?))",
+                (status, error, images, time.time(), job_id, self.owner),
+            )  # a job another replica took over (this one's lease ran out) is that replica's to finish
             if cur.rowcount:
                 self._db.execute("DELETE FROM inputs WHERE job_id = ?", (job_id,))
             return bool(cur.rowcount)
@@ -220,14 +278,17 @@ class JobStore:
     def requeue(self, job_id: str) -> None:
         """A running job back to the queue (a drain that ran out of time): the next start runs it again."""
         with self._lock:
-            self._db.execute("UPDATE jobs SET status = 'queued', started = NULL WHERE id = ? AND status = 'running'",
-                             (job_id,))  # fmt: skip
+            self._db.execute("UPDATE jobs SET status = 'queued', started = NULL, owner = NULL, lease = NULL "
+                             "WHERE id = ? AND status = 'running' AND owner IS ?", (job_id, self.owner))  # fmt: skip
 
     def requeue_interrupted(self) -> list[str]:
-        """At start: jobs left running by a crash go back to the queue, in their order."""
+        """At start: jobs left running by a crash go back to the queue, in their order (in shared mode only those
+        whose lease ran out: the others' replicas are alive)."""
+        where = "status = 'running'" + ("" if self.leases is None else f" AND lease < {time.time()!r}")
         with self._lock:
-            ids = [r[0] for r in self._db.execute("SELECT id FROM jobs WHERE status = 'running'").fetchall()]
-            self._db.execute("UPDATE jobs SET status = 'queued', started = NULL WHERE status = 'running'")
+            ids = [r[0] for r in self._db.execute(f"SELECT id FROM jobs WHERE {where}").fetchall()]
+            self._db.execute(f"UPDATE jobs SET status = 'queued', started = NULL, owner = NULL, lease = NULL "
+                             f"WHERE {where}")  # fmt: skip
         return ids
 
     def expire(self, keep_seconds: float, now: float | None = None) -> list[str]:
