@@ -20,14 +20,6 @@ LCM = os.path.join(REPO, "configs", "demo", "digits-lcm.yaml")
 LORA = os.path.join(REPO, "models", "demo", "digits-lcm-lora.safetensors")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def trainer():
     torch.manual_seed(0)

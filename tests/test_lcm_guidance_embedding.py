@@ -33,14 +33,6 @@ PROJ_DIM = 16
 KEY = "time_embedding.cond_proj.weight"  # diffusers' name, kept as is by its diffusers-to-original converter
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def get_guidance_scale_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     return LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim)
 

@@ -16,20 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from ldm.batch.rows import Row
+from ldm.files.image_output import sync_dir
 
 MANIFEST = "manifest.jsonl"
 
 
 def image_name(row: int, index: int) -> str:
     return f"samples/{row:05d}-{index:02d}.png"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -44,7 +37,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    sync_dir(path.parent)
 
 
 def read_lines(path: Path) -> list[dict[str, Any]]:

@@ -16,7 +16,8 @@ from typing import Any
 from ldm.batch.make import MakeOptions, RowMaker
 from ldm.batch.manifest import Output
 from ldm.batch.rows import Row, read_rows
-from ldm.cli.options import DEFAULT_CKPT, UsageError, build_parser, parse_args
+from ldm.cli.options import UsageError, build_parser, parse_args
+from ldm.cli.txt2img import check_model_files
 
 RAY_HINT = 'Ray is not installed; install it with: pip install -e ".[ray]"'
 
@@ -50,11 +51,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     opt = parse_args(argv, builder=build_batch_parser)
     if not opt.from_file:
         raise UsageError("--from-file PROMPTS is required (a prompt a line, JSON lines or CSV with a 'prompt' column)")
-    if not os.path.isfile(opt.config):
-        raise UsageError(f"config file not found: {opt.config}")
-    if not os.path.isfile(opt.ckpt):
-        hint = "download sd-v1-4.ckpt and put it there" if opt.ckpt == DEFAULT_CKPT else "check the path"
-        raise UsageError(f"checkpoint not found: {opt.ckpt} ({hint}, or pass --ckpt PATH)")
+    check_model_files(opt)
     for flag in ("n_samples", "actors"):
         if getattr(opt, flag) < 1:
             raise UsageError(f"--{flag} must be at least 1, got {getattr(opt, flag)}")

@@ -144,6 +144,15 @@ def validate(opt: argparse.Namespace) -> None:
         raise UsageError("--compile and --deepcache do not combine (feature reuse re-traces every step); choose one")
     if sampler_name(opt) == "plms" and opt.ddim_eta != 0:
         raise UsageError("PLMS needs --ddim_eta 0 (it is deterministic); use DDIM for eta > 0")
+    check_model_files(opt)
+    for directory in (opt.outdir, os.path.join(opt.outdir, "samples")):
+        reason = unwritable_dir_reason(directory)
+        if reason:
+            raise UsageError(f"cannot write to --outdir {opt.outdir}: {reason}")
+
+
+def check_model_files(opt: argparse.Namespace) -> None:
+    """--config and --ckpt name files (the usual mistake: a folder, or the checkpoint not downloaded yet)."""
     if not os.path.isfile(opt.config):
         raise UsageError(f"config file not found: {opt.config}")
     if not os.path.exists(opt.ckpt):
@@ -151,10 +160,6 @@ def validate(opt: argparse.Namespace) -> None:
         raise UsageError(f"checkpoint not found: {opt.ckpt} ({hint}, or pass --ckpt PATH)")
     if os.path.isdir(opt.ckpt):
         raise UsageError(f"checkpoint path is a directory: {opt.ckpt}; pass the model file inside it")
-    for directory in (opt.outdir, os.path.join(opt.outdir, "samples")):
-        reason = unwritable_dir_reason(directory)
-        if reason:
-            raise UsageError(f"cannot write to --outdir {opt.outdir}: {reason}")
 
 
 def check_fits(opt: argparse.Namespace, config, runtime, ckpt: str) -> None:

@@ -373,3 +373,12 @@ class OutputWriter:
                 with suppress(OSError):
                     os.unlink(final)
             raise
+
+
+def sync_dir(path: str | os.PathLike) -> None:
+    """fsync a folder, so the names linked or renamed into it survive a power cut."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

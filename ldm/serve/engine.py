@@ -24,7 +24,7 @@ from ldm.adapters import apply_adapters
 from ldm.cli.txt2img import infotext_fields, plan_run_adapters, split_negatives
 from ldm.files.checkpoints import prefer_safetensors
 from ldm.files.image_input import MULTIPLE, load_image_array, load_mask, to_model_range
-from ldm.files.image_output import OutputWriter, Watermarker, to_uint8_images
+from ldm.files.image_output import OutputWriter, Watermarker, sync_dir, to_uint8_images
 from ldm.files.infotext import format_infotext, legacy_model_hash
 from ldm.generation.generate import SampleSettings, StepCallback, generate, original_steps
 from ldm.generation.img2img import composite, generate_img2img
@@ -185,12 +185,3 @@ class Engine:
 
     def image_path(self, out_dir: Path, k: int) -> Path:
         return out_dir / "samples" / SAMPLE_NAME.format(k)
-
-
-def sync_dir(path: Path) -> None:
-    """fsync a folder, so the names linked into it survive a power cut."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
