@@ -88,6 +88,7 @@ async def cancel_job(request: Request, job_id: str) -> dict:
     if job.status == "queued" and service.store.cancel_queued(job.id):
         service.notifier.notify(job.id)
     elif not service.store.get(job.id).done:
+        service.store.request_cancel(job.id)  # for the replica that runs it, where several share the store
         service.worker.cancel(job.id)
         job = await service.wait_done(job.id)
         if job.status != "cancelled":

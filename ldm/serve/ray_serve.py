@@ -5,7 +5,8 @@ The replicas share one data directory (one node, one SQLite file): each opens th
 (`store.use_leases`), so a job is claimed by one replica at a time under a lease its heartbeat renews; when a replica
 dies its lease runs out and another replica claims the job and makes the same images (the seed is in the stored
 request). Any replica answers any request: a job may be accepted by one and run by another, so every replica wakes
-its worker and its waiting requests every `POLL` seconds to see the others' changes. `serve run
+its worker and its waiting requests, and looks for cancel requests, a few times a second (`Service`, in shared
+mode) to see the others' changes. `serve run
 configs/serve/digits.yaml` uses `app_builder`; `ldm-serve --ray` uses `serve_forever`.
 """
 
@@ -30,7 +31,6 @@ from ldm.serve.api_common import find_job
 from ldm.serve.settings import Settings, parse_settings
 from ldm.serve.store import DataDirBusy, use_leases
 
-POLL = 0.25  # seconds between looks at the shared store for work and for changes made by other replicas
 worker_router = APIRouter(tags=["cluster"])
 
 
@@ -46,15 +46,6 @@ async def replica(request: Request) -> dict[str, Any]:
     """The replica that answered: its name and process, and the job its worker is running."""
     current = request.app.state.service.worker.current
     return {"replica": request.app.state.replica, "pid": os.getpid(), "running": current and current.job_id}
-
-
-def _poll(app: FastAPI, stop: threading.Event) -> None:
-    """Wake the worker (jobs queued through other replicas, leases that ran out) and the waiting requests (jobs other
-    replicas finished); the single-process server is told of both by its own worker instead."""
-    service = app.state.service
-    while not stop.wait(POLL):
-        service.worker.wake()
-        service.notifier.notify_all()
 
 
 @serve.deployment(name="ImageService", health_check_period_s=2, health_check_timeout_s=10)
@@ -78,14 +69,7 @@ class ImageService:
         app = create_app(s)
         app.state.replica = name
         app.include_router(worker_router)
-        self._stop = threading.Event()
-        threading.Thread(target=_poll, args=(app, self._stop), name="ldm-serve-poll", daemon=True).start()
         return app
-
-    def __del__(self) -> None:
-        stop = getattr(self, "_stop", None)
-        if stop is not None:
-            stop.set()
 
 
 def absolute(settings: Settings) -> Settings:

@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import hmac
 import secrets
+import sqlite3
 import threading
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from ldm.serve.store import IdempotencyConflict, Job, JobStore
 from ldm.serve.worker import Worker, log_event
 
 WAIT_POLL = 5.0  # seconds between re-reads when no notification came (a backstop, not the mechanism)
+SHARED_POLL = 0.25  # shared store: seconds between looks for other replicas' jobs, results and cancel requests
 
 
 class Notifier:
@@ -73,6 +75,7 @@ class Service:
         self.notifier = Notifier()
         self.worker = Worker(settings, self.store, self.metrics, self.notifier.notify, engine)
         self.draining = False
+        self._stopped = threading.Event()
         self._secret = self._load_secret(Path(settings.data_dir) / "url-secret")
 
     @staticmethod
@@ -87,6 +90,22 @@ class Service:
 
     def start(self) -> None:
         self.worker.start()
+        if self.store.leases is not None:
+            threading.Thread(target=self._follow_shared_store, name="ldm-serve-shared", daemon=True).start()
+
+    def _follow_shared_store(self) -> None:
+        """Replicas sharing a store (Ray Serve) learn of each other's changes here, not from their own worker: jobs
+        queued elsewhere or whose lease ran out (wake the worker), jobs finished elsewhere (wake waiting requests)
+        and cancel requests for the job this replica runs."""
+        while not self._stopped.wait(SHARED_POLL):
+            self.worker.wake()
+            self.notifier.notify_all()
+            try:
+                cancels = self.store.cancel_requests()
+            except sqlite3.ProgrammingError:  # the store closed under us: the service is stopping
+                return
+            for job_id in cancels:
+                self.worker.cancel(job_id)
 
     def drain(self, grace: float) -> None:
         """Stop taking jobs, let the running one finish within `grace` s (else it is requeued), stop the worker."""
@@ -96,6 +115,7 @@ class Service:
         self.notifier.notify_all()
 
     def close(self) -> None:
+        self._stopped.set()
         self.store.close()
 
     # --- submitting ---------------------------------------------------------------------------------------

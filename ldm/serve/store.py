@@ -130,10 +130,10 @@ class JobStore:
             threading.Thread(target=self._heartbeat, name="ldm-serve-leases", daemon=True).start()
 
     def _add_lease_columns(self) -> None:
-        """Older databases gain the owner and lease columns (NULL for jobs run without leases)."""
+        """Older databases gain the owner, lease and cancel columns (NULL for jobs run without leases)."""
         self._db.execute("BEGIN IMMEDIATE")
         columns = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)").fetchall()}
-        for name, kind in (("owner", "TEXT"), ("lease", "REAL")):
+        for name, kind in (("owner", "TEXT"), ("lease", "REAL"), ("cancel", "INTEGER")):
             if name not in columns:
                 self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
         self._db.execute("COMMIT")
@@ -274,6 +274,20 @@ class JobStore:
                 (time.time(), job_id),
             )
             return bool(cur.rowcount)
+
+    def request_cancel(self, job_id: str) -> bool:
+        """Flag a running job for cancelling, for whichever replica runs it (it stops at its next step); False if
+        it is not running."""
+        with self._lock:
+            cur = self._db.execute("UPDATE jobs SET cancel = 1 WHERE id = ? AND status = 'running'", (job_id,))
+            return bool(cur.rowcount)
+
+    def cancel_requests(self) -> list[str]:
+        """This process's running jobs that some replica was asked to cancel."""
+        with self._lock:
+            rows = self._db.execute("SELECT id FROM jobs WHERE status = 'running' AND cancel = 1 AND owner IS ?",
+                                    (self.owner,)).fetchall()  # fmt: skip
+        return [r[0] for r in rows]
 
     def requeue(self, job_id: str) -> None:
         """A running job back to the queue (a drain that ran out of time): the next start runs it again."""
