@@ -138,8 +138,8 @@ class Engine:
         with apply_adapters(self.model, plan.loras, plan.embeddings) if plan else nullcontext() as handle:
             if handle is not None:
                 fields.update(handle.infotext_fields())
-            runs = self._runs(kind, r, inputs, on_step, s, batches, negatives, fields)
-            return self._write(out_dir, runs, shown[0], shown_negatives[0], fields, kind)
+            runs, finish = self._runs(kind, r, inputs, on_step, s, batches, negatives, fields)
+            return self._write(out_dir, runs, finish, shown[0], shown_negatives[0], fields, kind)
 
     def _runs(self, kind, r, inputs, on_step, s, batches, negatives, fields):
         """The sampling runs (lazy: they compute as they are read) and what finishes their images."""
@@ -165,9 +165,8 @@ class Engine:
 
         return runs, finish
 
-    def _write(self, out_dir: Path, runs_finish, prompts: list[str], negatives: list[str], fields, kind: str) -> int:
+    def _write(self, out_dir: Path, runs, finish, prompts: list[str], negatives: list[str], fields, kind: str) -> int:
         """Each image as the CLI writes it, its "parameters" naming the prompt as given (tags included)."""
-        runs, finish = runs_finish
         watermark = kind == "txt2img" and bool(self.defaults.get("watermark", True))  # img2img's default: none
         writer = OutputWriter(out_dir, Watermarker() if watermark else None)
         count = 0

@@ -8,7 +8,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -177,50 +177,19 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
     """Settings from flags and environment; SettingsError for what must not start (e.g. an open public port)."""
     opt = build_parser().parse_args(argv)
     keys, pairs = read_keys(opt)
-    limits = Limits(
-        max_queue=opt.max_queue,
-        max_pixels=opt.max_pixels,
-        max_steps=opt.max_steps,
-        max_images=opt.max_images,
-        max_prompt=opt.max_prompt,
-        max_body=opt.max_body,
-        max_image_pixels=opt.max_image_pixels,
-        job_timeout=opt.job_timeout,
-    )
+    limits = Limits(**{f.name: getattr(opt, f.name) for f in fields(Limits)})  # each limit is a flag of its name
     for name, value in vars(limits).items():
         if value <= 0:
             raise SettingsError(f"--{name} must be positive, got {value}")
-    s = Settings(
-        host=opt.host,
-        port=opt.port,
-        config=opt.config,
-        ckpt=opt.ckpt,
-        device=opt.device,
-        precision=opt.precision,
-        channels_last=opt.channels_last,
-        compile=opt.compile,
-        deepcache=opt.deepcache,
-        tome=opt.tome,
-        vae_tile=opt.vae_tile,
-        lora_dir=opt.lora_dir,
-        embeddings_dir=opt.embeddings_dir,
-        taesd=opt.taesd,
-        threads=opt.threads,
-        data_dir=opt.data_dir or default_data_dir(),
-        keep=opt.keep,
-        api_keys=keys,
-        api_auth=pairs,
-        insecure_no_auth=opt.insecure_no_auth,
-        cors_origins=opt.cors_origin,
-        grace=opt.grace,
-        forwarded_allow_ips=opt.forwarded_allow_ips,
-        limits=limits,
-        ray=opt.ray,
-        replicas=opt.replicas,
-        cpus_per_replica=opt.cpus_per_replica,
-        gpus_per_replica=opt.gpus_per_replica,
-        lease=opt.lease,
-    )
+    same_name = {f.name: getattr(opt, f.name) for f in fields(Settings) if hasattr(opt, f.name)}
+    s = Settings(**{
+        **same_name,  # a flag --NAME sets the setting NAME, but for these:
+        "data_dir": opt.data_dir or default_data_dir(),
+        "api_keys": keys,
+        "api_auth": pairs,  # the flag's "user:password" texts, parsed
+        "cors_origins": opt.cors_origin,
+        "limits": limits,
+    })  # fmt: skip
     if s.replicas < 1 or s.cpus_per_replica < 0 or s.gpus_per_replica < 0 or s.lease <= 0:
         raise SettingsError("--replicas must be at least 1, --cpus/--gpus_per_replica >= 0 and --lease positive")
     check_exposure(s)

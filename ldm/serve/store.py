@@ -160,8 +160,9 @@ class JobStore:
     def _row(self, row) -> Job | None:
         if row is None:
             return None
-        seq, id_, kind, status, request, _key, created, started, finished, attempts, images, error, expired = row[:13]
-        owner = row[13] if len(row) > 13 else None
+        seq, id_, kind, status, request, _key, created, started, finished, attempts, images, error, expired, owner = (
+            row[:14]
+        )  # then lease and cancel (the columns every store adds when it opens the database)
         return Job(id_, kind, status, json.loads(request), created, started, finished, attempts, images, error,
                    bool(expired), seq, owner)  # fmt: skip
 
