@@ -16,8 +16,9 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from ldm.batch.rows import Row
+from ldm.cli.txt2img import infotext_fields
 from ldm.files.image_output import Watermarker, watermark_supported
-from ldm.files.infotext import format_infotext, legacy_model_hash
+from ldm.files.infotext import format_infotext
 
 
 @dataclass(frozen=True)
@@ -65,20 +66,17 @@ class RowMaker:
         self.options = options
         self.pipe = Pipeline.from_config(options.config, ckpt=options.ckpt, device=options.device,
                                          precision=options.precision)  # fmt: skip
-        self.model_hash = legacy_model_hash(options.ckpt)
-        self.model_name = os.path.splitext(os.path.basename(options.ckpt))[0]
         self.watermarker = Watermarker() if options.watermark else None
         self.worker = worker_name()
 
     def fields(self, row: Row) -> dict[str, object]:
-        """txt2img's PNG fields (`infotext_fields`) for this row."""
+        """txt2img's PNG fields for this row: its `infotext_fields` of the row's settings."""
         o = self.options
-        fields: dict[str, object] = {"Steps": row.steps, "Sampler": row.sampler + (" karras" if o.karras else ""),
-                                     "CFG scale": row.scale, "Seed": row.seed, "Size": f"{row.W}x{row.H}",
-                                     "Model hash": self.model_hash, "Model": self.model_name}  # fmt: skip
-        if row.sampler == "ddim" and o.eta:
-            fields["Eta"] = o.eta
-        return fields
+        s = self.pipe.settings(steps=row.steps, sampler=row.sampler, scale=row.scale, height=row.H, width=row.W,
+                               n_samples=o.n_samples, seed=row.seed, eta=o.eta,
+                               schedule="karras" if o.karras else "discrete", reuse_interval=o.deepcache,
+                               vae_tile=o.vae_tile, token_merge=o.tome, vae=o.vae)  # fmt: skip
+        return infotext_fields(s, o.ckpt)
 
     def make(self, row: Row) -> list[dict[str, Any]]:
         o = self.options
@@ -87,12 +85,13 @@ class RowMaker:
                                    steps=row.steps, sampler=row.sampler, scale=row.scale, height=row.H, width=row.W,
                                    karras=o.karras, eta=o.eta, deepcache=o.deepcache, vae_tile=o.vae_tile, tome=o.tome,
                                    vae=o.vae)  # fmt: skip
+        row_fields = self.fields(row)
         records = []
         for index, image in enumerate(images):
             rgb = np.asarray(image)
             if self.watermarker is not None and watermark_supported(row.H, row.W):
                 rgb = self.watermarker.apply(rgb)
-            fields = {**self.fields(row), "Batch pos": index}
+            fields = {**row_fields, "Batch pos": index}
             text = format_infotext(row.prompt, fields, negative_prompt=row.negative_prompt)
             records.append({"row": row.row, "index": index, "seed": row.seed, "png": png_bytes(rgb, text)})
         seconds = round(time.time() - start, 4)
